@@ -1,0 +1,287 @@
+"""Mistral in flax.nnx: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Every parameter carries logical axis names (metadata key `out_sharding`) drawn from
+`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; `jaxlm.sharding` maps them
+to mesh axes. Shapes use suffixes: B batch, T query length, S key length, D model
+width, H query heads, K key/value heads, Dh head width, F MLP width, V vocabulary.
+
+Weights follow Hugging Face's layout after a transpose and a reshape (see
+`jaxlm.convert`), including its rotate-half RoPE convention, so logits match
+`transformers.MistralForCausalLM` to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.attention import attend
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class MistralConfig:
+  """Architecture and numerics of a Mistral model. Defaults are Mistral 7B v0.1."""
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  intermediate_size: int = 14336
+  rope_theta: float = 10000.0
+  sliding_window: int | None = 4096    # None: full causal attention
+  max_position_embeddings: int = 32768
+  rms_norm_eps: float = 1e-5
+  initializer_range: float = 0.02
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  param_dtype: str = 'float32'         # storage dtype of the parameters
+  dtype: str = 'float32'               # compute dtype of activations; logits are float32
+  attention_impl: str = 'dense'        # a name in jaxlm.attention.IMPLEMENTATIONS
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                 'head_dim', 'intermediate_size', 'max_position_embeddings'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'MistralConfig.{name} must be a positive int, got {value!r}')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f'MistralConfig.num_heads={self.num_heads} must be a multiple of '
+          f'num_kv_heads={self.num_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'MistralConfig.head_dim={self.head_dim} must be even for RoPE')
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise ValueError(f'MistralConfig.sliding_window must be None or positive, '
+                       f'got {self.sliding_window!r}')
+    for name in ('param_dtype', 'dtype'):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f'MistralConfig.{name}={getattr(self, name)!r} is not one of '
+                         f'{sorted(DTYPES)}')
+
+  def replace(self, **overrides: Any) -> 'MistralConfig':
+    fields = {f.name for f in dataclasses.fields(self)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+      raise ValueError(f'unknown MistralConfig field(s) {unknown}; valid fields: {sorted(fields)}')
+    return dataclasses.replace(self, **overrides)
+
+  def num_params(self) -> int:
+    d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    block = attn + 3 * d * f + 2 * d
+    return self.num_layers * block + 2 * v * d + d
+
+
+PRESETS: dict[str, MistralConfig] = {
+    'mistral-7b-v0.1': MistralConfig(),
+    'mistral-7b-v0.2': MistralConfig(rope_theta=1e6, sliding_window=None),
+    # A ~20M-parameter model with the real 32000-token vocabulary: CPU demos.
+    'small': MistralConfig(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                           head_dim=32, intermediate_size=768, sliding_window=None,
+                           max_position_embeddings=8192),
+    # Tests: every feature on (GQA, sliding window shorter than test sequences).
+    'tiny': MistralConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16, intermediate_size=128,
+                          sliding_window=16, max_position_embeddings=1024),
+}
+PRESETS['mistral-7b-instruct-v0.1'] = PRESETS['mistral-7b-v0.1']
+PRESETS['mistral-7b-instruct-v0.2'] = PRESETS['mistral-7b-v0.2']
+
+
+def get_config(name: str, **overrides: Any) -> MistralConfig:
+  """A preset by name, with optional field overrides."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; choose one of {sorted(PRESETS)}')
+  return PRESETS[name].replace(**overrides)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...],
+           cfg: MistralConfig, init=None) -> nnx.Param:
+  init = init or nnx.initializers.normal(cfg.initializer_range)
+  value = init(rngs.params(), shape, DTYPES[cfg.param_dtype])
+  # eager_sharding=False: names are placed by jaxlm.sharding, not at creation.
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.rms_norm_eps
+    self.scale = _param(rngs, (cfg.hidden_size,), ('embed',), cfg, nnx.initializers.ones)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    x32 = x_BxTxD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
+
+
+def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention (first and second halves of Dh paired)."""
+  dh = x_BxTxNxDh.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  angles_BxTxDh2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BxTxDh = jnp.concatenate([angles_BxTxDh2, angles_BxTxDh2], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BxTxDh), jnp.sin(angles_BxTxDh)
+  x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x_BxTxNxDh * cos + rotated * sin).astype(x_BxTxNxDh.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = _param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), cfg)
+    self.k_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg)
+    self.v_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg)
+    self.o_proj = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), cfg)
+
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None):
+    """cache: None, or (k_BxSxKxDh, v_BxSxKxDh, kv_positions_BxS, kv_segment_ids_BxS, index)
+    with the buffers already holding this step's positions and segment ids at `index`."""
+    cfg, dt = self.cfg, x_BxTxD.dtype
+    q = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.q_proj[...].astype(dt))
+    k = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.k_proj[...].astype(dt))
+    v = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.v_proj[...].astype(dt))
+    q = rope(q, positions_BxT, cfg.rope_theta)
+    k = rope(k, positions_BxT, cfg.rope_theta)
+    if cache is None:
+      kv_positions, kv_segments, new_kv = positions_BxT, segment_ids_BxT, None
+    else:
+      k_cache, v_cache, kv_positions, kv_segments, index = cache
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      new_kv = (k, v)
+    out = attend(q, k.astype(dt), v.astype(dt), impl=cfg.attention_impl,
+                 q_positions_BxT=positions_BxT, kv_positions_BxS=kv_positions,
+                 q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=kv_segments,
+                 causal=True, sliding_window=cfg.sliding_window)
+    return jnp.einsum('bthk,hkd->btd', out, self.o_proj[...].astype(dt)), new_kv
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = _param(rngs, (d, f), ('embed', 'mlp'), cfg)
+    self.up_proj = _param(rngs, (d, f), ('embed', 'mlp'), cfg)
+    self.down_proj = _param(rngs, (f, d), ('mlp', 'embed'), cfg)
+
+  def __call__(self, x_BxTxD):
+    dt = x_BxTxD.dtype
+    gate_BxTxF = jax.nn.silu(x_BxTxD @ self.gate_proj[...].astype(dt))
+    up_BxTxF = x_BxTxD @ self.up_proj[...].astype(dt)
+    return (gate_BxTxF * up_BxTxF) @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None):
+    h, new_kv = self.attn(self.input_norm(x_BxTxD), positions_BxT, segment_ids_BxT, cache)
+    x_BxTxD = x_BxTxD + h
+    return x_BxTxD + self.mlp(self.post_attn_norm(x_BxTxD)), new_kv
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values of every layer for a fixed-size buffer of S slots.
+
+  Slots are filled left to right at `index`; empty slots have segment id -1, which
+  no query matches. The whole buffer is kept (no rolling window): with a sliding
+  window, old slots are masked rather than overwritten.
+  """
+  k: list[jax.Array]            # per layer [B, S, K, Dh]
+  v: list[jax.Array]            # per layer [B, S, K, Dh]
+  positions_BxS: jax.Array      # int32
+  segment_ids_BxS: jax.Array    # int32, -1 for empty slots
+  index: jax.Array              # int32 scalar: next slot to write
+
+  @classmethod
+  def init(cls, cfg: MistralConfig, batch: int, length: int, dtype=None) -> 'KVCache':
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+               v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+               positions_BxS=jnp.zeros((batch, length), jnp.int32),
+               segment_ids_BxS=jnp.full((batch, length), -1, jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+
+class Mistral(nnx.Module):
+  """Decoder-only Mistral with an untied LM head."""
+
+  def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'), cfg)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg, rngs=rngs)
+    self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
+
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+               *, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """Float32 logits [B, T, V]. Positions default to 0..T-1; tokens attend only to
+    earlier tokens of the same segment (segment ids default to all zeros)."""
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.zeros((B, T), jnp.int32)
+    x = self._embed(tokens_BxT)
+    for block in self.layers:
+      x, _ = block(x, positions_BxT, segment_ids_BxT)
+    return self._logits(x)
+
+  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+             segment_ids_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run T new tokens against a KV cache (prefill when T > 1, one step when T = 1).
+
+    Returns float32 logits [B, T, V] and the cache with the new keys written at
+    slots index..index+T-1. Segment ids must be >= 0 (padding gets its own id).
+    """
+    T = tokens_BxT.shape[1]
+    kv_positions = jax.lax.dynamic_update_slice(
+        cache.positions_BxS, positions_BxT.astype(jnp.int32), (0, cache.index))
+    kv_segments = jax.lax.dynamic_update_slice(
+        cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), (0, cache.index))
+    x = self._embed(tokens_BxT)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      layer_cache = (cache.k[i], cache.v[i], kv_positions, kv_segments, cache.index)
+      x, (k, v) = block(x, positions_BxT, segment_ids_BxT, layer_cache)
+      new_k.append(k)
+      new_v.append(v)
+    new_cache = KVCache(k=new_k, v=new_v, positions_BxS=kv_positions,
+                        segment_ids_BxS=kv_segments, index=cache.index + T)
+    return self._logits(x), new_cache
+
+  def _embed(self, tokens_BxT):
+    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(DTYPES[self.cfg.dtype])
+
+  def _logits(self, x_BxTxD):
+    x_BxTxD = self.final_norm(x_BxTxD)
+    return jnp.einsum('btd,dv->btv', x_BxTxD, self.lm_head[...].astype(x_BxTxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def init_model(cfg: MistralConfig, seed: int = 0) -> Mistral:
+  return Mistral(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: MistralConfig) -> Mistral:
+  """The model with ShapeDtypeStruct leaves: shapes and axis names, no memory."""
+  return nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
