@@ -1,0 +1,56 @@
+"""The vendored Mistral v1 sentencepiece model."""
+import hashlib
+
+import pytest
+
+from jaxlm.model import get_config
+from jaxlm.tokenizer import MISTRAL_V1, Tokenizer, TokenizerMismatchError
+
+TASK_TEXT = (
+    'Do a task using the list of dictionaries below.\n\n'
+    'Dictionary [1] {2031: 681, 922: 2494, 2786: 5769}\n'
+    'Dictionary [2] {5561: 7320, 348: 9015, 1007: 66}\n\n'
+    'Above is a list of dictionaries such that each key and value is an integer. '
+    'Report the value of key 922 and the dictionary it is in. Answer in the following template:\n'
+    'The value of key 922 is <fill-in-value> and it is in Dictionary [<fill-in-dictionary-name>].')
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return Tokenizer()
+
+
+def test_vendored_file_is_the_mistral_v1_model():
+  digest = hashlib.sha256(open(MISTRAL_V1, 'rb').read()).hexdigest()
+  assert digest == 'dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055'
+
+
+def test_roundtrip_on_retrieval_text(tok):
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+  ids = tok.encode(TASK_TEXT, bos=True, eos=True)
+  assert ids[0] == 1 and ids[-1] == 2 and 1 not in ids[1:-1] and 2 not in ids[1:-1]
+  assert tok.decode(ids) == TASK_TEXT
+  assert tok.encode_batch([TASK_TEXT, 'x'], bos=False) == [ids[1:-1], tok.encode('x', bos=False)]
+
+
+def test_digits_are_one_token_each(tok):
+  pieces = [tok.id_to_piece(i) for i in tok.encode('key 2031: 681', bos=False)]
+  assert pieces == ['▁key', '▁', '2', '0', '3', '1', ':', '▁', '6', '8', '1']
+
+
+def test_vocab_mismatch_is_an_error(tok):
+  tok.check_model(get_config('small'))  # same 32000 vocabulary: fine
+  tok.check_model(get_config('small', vocab_size=32768))  # padded embedding: fine
+  with pytest.raises(TokenizerMismatchError, match='has 32000 pieces but the model has vocab_size=512'):
+    tok.check_model(get_config('tiny'))
+  with pytest.raises(TokenizerMismatchError, match='eos=2 but the model config has .*eos_token_id=7'):
+    tok.check_model(get_config('small', eos_token_id=7))
+
+
+def test_not_a_tokenizer(tmp_path):
+  bad = tmp_path / 'bad.model'
+  bad.write_text('not a model')
+  with pytest.raises(ValueError, match='is not a sentencepiece model'):
+    Tokenizer(str(bad))
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    Tokenizer(str(tmp_path / 'missing.model'))
