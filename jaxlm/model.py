@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.attention import attend
@@ -110,6 +111,18 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...],
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def _matmul(x: jax.Array, w: jax.Array, n_in: int = 1, **kwargs) -> jax.Array:
+  """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul.
+
+  Flattening the batch and sequence dims first matters on CPU: XLA otherwise
+  materializes large transposes in the backward pass (1.4x slower LM-head step).
+  """
+  lead, k = x.shape[:x.ndim - n_in], w.shape[:n_in]
+  out = w.shape[n_in:]
+  y = jnp.dot(x.reshape(-1, int(np.prod(k))), w.reshape(int(np.prod(k)), -1), **kwargs)
+  return y.reshape(*lead, *out)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
@@ -148,9 +161,9 @@ class Attention(nnx.Module):
     """cache: None, or (k_BxSxKxDh, v_BxSxKxDh, kv_positions_BxS, kv_segment_ids_BxS, index)
     with the buffers already holding this step's positions and segment ids at `index`."""
     cfg, dt = self.cfg, x_BxTxD.dtype
-    q = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.q_proj[...].astype(dt))
-    k = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.k_proj[...].astype(dt))
-    v = jnp.einsum('btd,dhk->bthk', x_BxTxD, self.v_proj[...].astype(dt))
+    q = _matmul(x_BxTxD, self.q_proj[...].astype(dt))
+    k = _matmul(x_BxTxD, self.k_proj[...].astype(dt))
+    v = _matmul(x_BxTxD, self.v_proj[...].astype(dt))
     q = rope(q, positions_BxT, cfg.rope_theta)
     k = rope(k, positions_BxT, cfg.rope_theta)
     if cache is None:
@@ -164,7 +177,7 @@ class Attention(nnx.Module):
                  q_positions_BxT=positions_BxT, kv_positions_BxS=kv_positions,
                  q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=kv_segments,
                  causal=True, sliding_window=cfg.sliding_window)
-    return jnp.einsum('bthk,hkd->btd', out, self.o_proj[...].astype(dt)), new_kv
+    return _matmul(out, self.o_proj[...].astype(dt), n_in=2), new_kv
 
 
 class MLP(nnx.Module):
@@ -177,9 +190,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD):
     dt = x_BxTxD.dtype
-    gate_BxTxF = jax.nn.silu(x_BxTxD @ self.gate_proj[...].astype(dt))
-    up_BxTxF = x_BxTxD @ self.up_proj[...].astype(dt)
-    return (gate_BxTxF * up_BxTxF) @ self.down_proj[...].astype(dt)
+    gate_BxTxF = jax.nn.silu(_matmul(x_BxTxD, self.gate_proj[...].astype(dt)))
+    up_BxTxF = _matmul(x_BxTxD, self.up_proj[...].astype(dt))
+    return _matmul(gate_BxTxF * up_BxTxF, self.down_proj[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -274,8 +287,8 @@ class Mistral(nnx.Module):
 
   def _logits(self, x_BxTxD):
     x_BxTxD = self.final_norm(x_BxTxD)
-    return jnp.einsum('btd,dv->btv', x_BxTxD, self.lm_head[...].astype(x_BxTxD.dtype),
-                      preferred_element_type=jnp.float32)
+    return _matmul(x_BxTxD, self.lm_head[...].astype(x_BxTxD.dtype),
+                   preferred_element_type=jnp.float32)
 
 
 def init_model(cfg: MistralConfig, seed: int = 0) -> Mistral:
