@@ -40,6 +40,12 @@ class Tokenizer:
     # which padded positions never attend to or are trained on.
     self.pad_id: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.unk_id
 
+  def __getstate__(self):  # picklable for Grain worker processes: reload from the file
+    return {'path': self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state['path'])
+
   def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
     ids = self._sp.EncodeAsIds(text)
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])

@@ -1,0 +1,168 @@
+"""Grain pipelines over generated examples: index -> example -> tokens -> packed or
+padded sequences -> batches.
+
+    MapDataset.range(N)            example indices (N=None: an endless stream)
+      .shuffle(seed).repeat(E)     epochs, reshuffled each epoch
+      [host::num_hosts]            per-host slice (multi-host runs)
+      .map(task.example)           pure function of (config, seed, index)
+      .map(to_features)            prompt+answer tokens, loss mask on the answer only
+      .to_iter_dataset(threads)    optional thread or process workers
+      pack (first fit) | pad       segment ids and positions per example
+      .batch(per_host_batch)
+
+Every batch is a dict of [B, T] int32 arrays: `inputs`, `targets`, `loss_mask` (1 on
+answer tokens, including eos), `positions` (restart at 0 for each example) and
+`segment_ids` (1, 2, ... for the examples in a row, 0 for padding). The iterator's
+state (`get_state()` / `set_state()`) restores the exact next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxlm.data.common import Example, TaskConfigError, replace_fields
+from jaxlm.data.tasks import make_task
+
+FEATURES = ('inputs', 'targets', 'loss_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  task: str = 'simple_kv'
+  task_fields: Any = dataclasses.field(default_factory=dict)  # task config overrides
+  seed: int = 0
+  num_examples: int | None = None    # distinct examples per epoch; None: endless stream
+  num_epochs: int = 1
+  shuffle: bool = True
+  seq_len: int = 4096
+  global_batch_size: int = 8
+  packing: bool = False               # first-fit packing of several examples per row
+  num_packing_bins: int = 8
+  chat_format: str = 'mistral'        # 'mistral': <s>[INST] {prompt} [/INST]{answer}</s>; 'none'
+  on_long: str = 'error'              # an example longer than seq_len: 'error' | 'skip'
+  num_threads: int = 0                # grain read threads (0: in the main thread)
+  num_workers: int = 0                # grain worker processes (0: none)
+
+  @classmethod
+  def from_dict(cls, d) -> 'DataConfig':
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    return replace_fields(cls(), d)
+
+
+def format_prompt(prompt: str, chat_format: str) -> str:
+  if chat_format == 'mistral':
+    return f'[INST] {prompt} [/INST]'
+  if chat_format == 'none':
+    return prompt
+  raise TaskConfigError(f"chat_format={chat_format!r} must be 'mistral' or 'none'")
+
+
+def prompt_ids(example: Example, tokenizer, chat_format: str) -> list[int]:
+  """bos + the (chat-formatted) prompt: what a model sees before it answers."""
+  return tokenizer.encode(format_prompt(example.prompt, chat_format), bos=True)
+
+
+def to_features(example: Example, tokenizer, chat_format: str) -> dict[str, np.ndarray]:
+  """Next-token features of prompt + answer; the loss mask is 1 exactly where the
+  target is an answer token (the answer is tokenized on its own and ends with eos,
+  as Mistral's instruct tokenizer does for assistant turns)."""
+  prompt = prompt_ids(example, tokenizer, chat_format)
+  answer = tokenizer.encode(example.answer, bos=False, eos=True)
+  tokens = np.array(prompt + answer, np.int32)
+  mask = np.zeros(len(tokens) - 1, np.int32)
+  mask[len(prompt) - 1:] = 1
+  return {'inputs': tokens[:-1], 'targets': tokens[1:], 'loss_mask': mask}
+
+
+class _Generate(grain.transforms.Map):
+  def __init__(self, task, seed):
+    self.task, self.seed = task, seed
+
+  def map(self, index):
+    return self.task.example(self.seed, int(index))
+
+
+class _Featurize(grain.transforms.Map):
+  def __init__(self, tokenizer, chat_format):
+    self.tokenizer, self.chat_format = tokenizer, chat_format
+
+  def map(self, example):
+    return to_features(example, self.tokenizer, self.chat_format)
+
+
+class _CheckLength(grain.transforms.Filter):
+  def __init__(self, seq_len, on_long):
+    self.seq_len, self.on_long = seq_len, on_long
+
+  def filter(self, features):
+    n = len(features['inputs'])
+    if n <= self.seq_len:
+      return True
+    if self.on_long == 'skip':
+      return False
+    raise TaskConfigError(
+        f'an example has {n} tokens but seq_len={self.seq_len}; raise seq_len, lower the '
+        f"task's num_tokens or set on_long='skip'")
+
+
+class _Pad(grain.transforms.Map):
+  def __init__(self, seq_len, pad_id):
+    self.seq_len, self.pad_id = seq_len, pad_id
+
+  def map(self, f):
+    n, T = len(f['inputs']), self.seq_len
+    out = {}
+    for k in FEATURES:
+      fill = self.pad_id if k != 'loss_mask' else 0
+      out[k] = np.concatenate([f[k], np.full(T - n, fill, np.int32)])
+    out['positions'] = np.concatenate([np.arange(n, dtype=np.int32), np.zeros(T - n, np.int32)])
+    out['segment_ids'] = (np.arange(T) < n).astype(np.int32)
+    return out
+
+
+class _RenamePacked(grain.transforms.Map):
+  def map(self, f):
+    out = {k: f[k].astype(np.int32) for k in FEATURES}
+    out['positions'] = f['inputs_positions'].astype(np.int32)
+    out['segment_ids'] = f['inputs_segment_ids'].astype(np.int32)
+    return out
+
+
+def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """The batched training dataset for one host (process)."""
+  c = config
+  task = make_task(c.task, tokenizer, **dict(c.task_fields))
+  if c.global_batch_size % process_count:
+    raise TaskConfigError(f'global_batch_size={c.global_batch_size} is not divisible by '
+                          f'process_count={process_count}')
+  if c.on_long not in ('error', 'skip'):
+    raise TaskConfigError(f"on_long={c.on_long!r} must be 'error' or 'skip'")
+  format_prompt('', c.chat_format)  # validates chat_format
+  if c.num_examples is not None and c.num_examples < process_count:
+    raise TaskConfigError(f'num_examples={c.num_examples} < process_count={process_count}')
+  ds = grain.MapDataset.range(c.num_examples if c.num_examples is not None else sys.maxsize)
+  if c.num_examples is not None:
+    if c.shuffle:
+      ds = ds.shuffle(seed=c.seed)
+    ds = ds.repeat(c.num_epochs)
+  ds = ds[process_index::process_count]
+  ds = ds.map(_Generate(task, c.seed)).map(_Featurize(tokenizer, c.chat_format))
+  ds = ds.filter(_CheckLength(c.seq_len, c.on_long))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=
+                                            max(1, 2 * c.num_threads)) if c.num_threads else None)
+  if c.num_workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.num_workers))
+  if c.packing:
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={k: c.seq_len for k in FEATURES}, num_packing_bins=c.num_packing_bins,
+        seed=c.seed, shuffle_bins=False)
+    it = it.map(_RenamePacked())
+  else:
+    it = it.map(_Pad(c.seq_len, tokenizer.pad_id))
+  return it.batch(c.global_batch_size // process_count, drop_remainder=True)
