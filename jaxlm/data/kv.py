@@ -97,7 +97,7 @@ class _DictTask:
   # --- per-task hooks -------------------------------------------------------------------
   def _validate(self): ...
   def _draw_gold(self, rng): ...
-  def _draw_dicts(self, rng, sizes, gold): ...
+  def _draw_dicts(self, rng, sizes, gold, used): ...  # used: keys drawn before
   def _render_pairs(self, keys, values) -> str: ...
   def _question(self, gold) -> str: ...
   def _answer(self, gold, gold_dict: int) -> str: ...
@@ -171,11 +171,11 @@ class _DictTask:
 
     if num_dicts is not None:
       sizes = self._sizes(rng, num_dicts - 1)
-      distractors = self._draw_dicts(rng, sizes, gold)
+      distractors = self._draw_dicts(rng, sizes, gold, used=gold_keys)
       bodies = [self._render_pairs(k, v) for k, v in distractors]
       n = num_dicts
     else:
-      bodies, n = self._fill(rng, gold, gold_line, question)
+      bodies, n = self._fill(rng, gold, gold_line, question, gold_keys)
 
     g = common.pick_gold_position(rng, self.gold_position, n, index, c.first_position_prob,
                                   c.early_position_prob, c.early_position_max)
@@ -193,7 +193,7 @@ class _DictTask:
                    num_dicts=n, position=common.relative_position(g, n),
                    num_tokens=num_tokens, seed=seed, index=index)
 
-  def _fill(self, rng, gold, gold_line, question):
+  def _fill(self, rng, gold, gold_line, question, used):
     """Distractor bodies and the number of dictionaries that fit num_tokens."""
     c = self.config
     fixed = self._count(self._prompt_text([f'Dictionary [0] {{{gold_line}}}'], question))
@@ -206,7 +206,9 @@ class _DictTask:
       mean = (sum(counts) / len(counts)) if counts else 40.0
       more = max(8, int((budget - sum(counts)) / mean * 1.1) + 2)
       sizes = self._sizes(rng, more)
-      new = [self._render_pairs(k, v) for k, v in self._draw_dicts(rng, sizes, gold)]
+      drawn = self._draw_dicts(rng, sizes, gold, used=used)
+      used = list(used) + [k for keys, _ in drawn for k in keys]
+      new = [self._render_pairs(k, v) for k, v in drawn]
       bodies += new
       counts += [len(ids) + newline for ids in self.tokenizer.encode_batch(
           ['Dictionary [0] {' + b + '}' for b in new], bos=False)]
@@ -221,7 +223,7 @@ class _DictTask:
 
   def _gold_dict(self, rng, gold):
     size = self.config.gold_dict_size
-    keys, values = self._draw_dicts(rng, np.array([size - 1]), gold)[0]
+    keys, values = self._draw_dicts(rng, np.array([size - 1]), gold, used=())[0]
     slot = int(rng.integers(0, size))
     keys = list(keys[:slot]) + [gold[0]] + list(keys[slot:])
     values = list(values[:slot]) + [gold[1]] + list(values[slot:])
@@ -259,14 +261,15 @@ class SimpleKV(_DictTask):
   def _worst_gold(self):
     return (10 ** self.key_digits[1] - 1, 10 ** self.value_digits[1] - 1)
 
-  def _draw_dicts(self, rng, sizes, gold):
+  def _draw_dicts(self, rng, sizes, gold, used):
     total = int(sizes.sum())
+    unique_all = self.config.unique_keys == 'all'
+    taken = np.array([gold[0]] + (list(used) if unique_all else []), np.int64)
     owner = np.repeat(np.arange(len(sizes)), sizes)
     keys = common.sample_numbers(rng, self.key_digits, total)
     values = common.sample_numbers(rng, self.value_digits, total)
     for _ in range(1000):
-      bad = (keys == gold[0]) | _duplicates(keys, None if self.config.unique_keys == 'all'
-                                            else owner)
+      bad = np.isin(keys, taken) | _duplicates(keys, None if unique_all else owner)
       if not bad.any():
         break
       keys[bad] = common.sample_numbers(rng, self.key_digits, int(bad.sum()))
@@ -353,7 +356,8 @@ class MultiSubkeyKV(_DictTask):
     return ((k,) * self.config.subkeys_per_key, 10 ** self.value_digits[1] - 1,
             (k,) * self.config.subkeys_per_key)
 
-  def _draw_dicts(self, rng, sizes, gold):
+  def _draw_dicts(self, rng, sizes, gold, used):
+    del used  # tuple keys are unique within a dictionary only
     c = self.config
     total, n = int(sizes.sum()), c.subkeys_per_key
     owner = np.repeat(np.arange(len(sizes)), sizes)

@@ -73,8 +73,10 @@ class NIAH:
       raise TaskConfigError(f"niah: filler={c.filler!r} must be 'nq' or 'passkey'")
     self.gold_position = common.check_gold_position(c.gold_position, c.num_units)
     if tokenizer is not None:
-      self.unit_tokens = np.array([len(t) for t in tokenizer.encode_batch(self.units, bos=False)])
-      self.sep_tokens = self._count('x' + self.sep) - self._count('x')
+      # Tokens a unit adds after another one, separator included, counted in context.
+      x = self._count('x')
+      self.unit_tokens = np.array([len(t) - x for t in tokenizer.encode_batch(
+          ['x' + self.sep + u for u in self.units], bos=False)])
     if c.num_tokens is not None:
       worst = self._question(('zesty-umbrella', 10 ** self.value_digits[1] - 1))
       one = self._count(self._prompt([self._needle(('zesty-umbrella', 10 ** self.value_digits[1] - 1))], worst))
@@ -118,7 +120,7 @@ class NIAH:
       budget = c.num_tokens - self._count(self._prompt([needle], question))
       reps = 1 + int(budget // max(1, self.unit_tokens.min())) // len(order)
       idx = np.tile(order, reps)
-      total = np.cumsum(self.unit_tokens[idx] + self.sep_tokens)
+      total = np.cumsum(self.unit_tokens[idx])
       n = 1 + int(np.searchsorted(total, budget, side='right'))
       filler = [self.units[i] for i in idx[:n - 1]]
     g = common.pick_gold_position(rng, self.gold_position, n, index)
