@@ -1,0 +1,77 @@
+"""Generated tokens/s per CPU core for the retrieval tasks, against what training eats.
+
+Pins itself to one core, generates examples at 4K and 32K-token budgets (generation +
+the tokenization that measures the budget), and then the full per-example pipeline
+step (generation + prompt and answer tokenization into training features). The
+consumption side is an estimate from FLOPs: a Mistral 7B fine-tune on one TPU v5p
+host (4 chips, 459 TFLOP/s bf16 each) at an assumed MFU.
+
+  python -m jaxlm.bench.data
+  python -m jaxlm.bench.data --budgets 4096,32768 --seconds 3 --mfu 0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from jaxlm.data.pipeline import to_features
+from jaxlm.data.tasks import make_task
+from jaxlm.model import get_config
+from jaxlm.tokenizer import Tokenizer
+
+V5P_PEAK_FLOPS = 459e12      # bf16 per chip
+V5P_CHIPS_PER_HOST = 4
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+  """6N for the weights plus causal attention (QK^T and AV, forward and backward)."""
+  attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len  # 12*L*H*Dh*T / 2
+  return 6 * cfg.num_params() + attention
+
+
+def measure(fn, seconds: float) -> tuple[int, float]:
+  """Call fn(i) for i = 0, 1, ... for about `seconds`; return (tokens, elapsed)."""
+  tokens, i, t0 = 0, 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    tokens += fn(i)
+    i += 1
+  return tokens, time.perf_counter() - t0
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--budgets', default='4096,32768')
+  parser.add_argument('--tasks', default='simple_kv,multisubkey_kv,niah')
+  parser.add_argument('--seconds', type=float, default=3.0)
+  parser.add_argument('--mfu', type=float, default=0.4)
+  args = parser.parse_args(argv)
+  if hasattr(os, 'sched_setaffinity'):
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+  tok = Tokenizer()
+  cfg = get_config('mistral-7b-v0.1')
+  print(f'one core of {os.cpu_count()}; Mistral v1 tokenizer; {args.seconds:.0f}s per row')
+  print('| task | budget (tokens) | generate: tokens/s/core | + features: tokens/s/core '
+        '| examples/s | 7B on a v5p host eats (tokens/s) | headroom (1 core) |')
+  print('|---|---|---|---|---|---|---|')
+  for budget in (int(b) for b in args.budgets.split(',')):
+    eat = V5P_CHIPS_PER_HOST * V5P_PEAK_FLOPS * args.mfu / train_flops_per_token(cfg, budget)
+    for name in args.tasks.split(','):
+      fields = {'num_tokens': budget}
+      if name != 'niah':
+        fields['num_dicts'] = None
+      task = make_task(name, tok, **fields)
+      task.example(0, 0)
+      gen_tokens, gen_s = measure(lambda i: task.example(0, i).num_tokens, args.seconds)
+      feat_tokens, feat_s = measure(
+          lambda i: len(to_features(task.example(1, i), tok, 'mistral')['inputs']), args.seconds)
+      n = gen_tokens / budget
+      print(f'| {name} | {budget} | {gen_tokens / gen_s:,.0f} | {feat_tokens / feat_s:,.0f} | '
+            f'{n / gen_s:,.1f} | {eat:,.0f} | {feat_tokens / feat_s / eat:,.0f}x |')
+  print(f'consumption: 4 x {V5P_PEAK_FLOPS / 1e12:.0f} TFLOP/s x MFU {args.mfu} / '
+        f'(6 x {cfg.num_params() / 1e9:.2f}B params + causal attention FLOPs per token)')
+
+
+if __name__ == '__main__':
+  main()
