@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.attention import attend
+from jaxlm.attention import IMPLEMENTATIONS, attend
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -45,6 +45,9 @@ class MistralConfig:
   param_dtype: str = 'float32'         # storage dtype of the parameters
   dtype: str = 'float32'               # compute dtype of activations; logits are float32
   attention_impl: str = 'dense'        # a name in jaxlm.attention.IMPLEMENTATIONS
+  attention_block_q: int = 512         # blockwise / ring / splash query block
+  attention_block_kv: int = 512        # ... and key/value block
+  ring_layout: str = 'natural'         # 'zigzag' when the trainer feeds zigzag-ordered batches
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
@@ -61,6 +64,16 @@ class MistralConfig:
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(f'MistralConfig.sliding_window must be None or positive, '
                        f'got {self.sliding_window!r}')
+    if self.attention_impl not in IMPLEMENTATIONS:
+      raise ValueError(f'MistralConfig.attention_impl={self.attention_impl!r} is not one of '
+                       f'{IMPLEMENTATIONS}')
+    for name in ('attention_block_q', 'attention_block_kv'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0 or value % 8:
+        raise ValueError(f'MistralConfig.{name}={value!r} must be a positive multiple of 8')
+    if self.ring_layout not in ('natural', 'zigzag'):
+      raise ValueError(f"MistralConfig.ring_layout={self.ring_layout!r} must be 'natural' or "
+                       "'zigzag'")
     for name in ('param_dtype', 'dtype'):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f'MistralConfig.{name}={getattr(self, name)!r} is not one of '
@@ -157,26 +170,38 @@ class Attention(nnx.Module):
     self.v_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg)
     self.o_proj = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), cfg)
 
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False):
     """cache: None, or (k_BxSxKxDh, v_BxSxKxDh, kv_positions_BxS, kv_segment_ids_BxS, index)
-    with the buffers already holding this step's positions and segment ids at `index`."""
+    with the buffers already holding this step's positions and segment ids at `index`.
+    natural: positions are 0..T-1 and segment_ids_BxT is None, so kernels with static
+    masks (cudnn, splash) apply."""
     cfg, dt = self.cfg, x_BxTxD.dtype
     q = _matmul(x_BxTxD, self.q_proj[...].astype(dt))
     k = _matmul(x_BxTxD, self.k_proj[...].astype(dt))
     v = _matmul(x_BxTxD, self.v_proj[...].astype(dt))
     q = rope(q, positions_BxT, cfg.rope_theta)
     k = rope(k, positions_BxT, cfg.rope_theta)
+    impl, block = cfg.attention_impl, dict(block_q=cfg.attention_block_q,
+                                           block_kv=cfg.attention_block_kv)
     if cache is None:
-      kv_positions, kv_segments, new_kv = positions_BxT, segment_ids_BxT, None
+      new_kv = None
+      if natural:
+        masks = {}
+      else:
+        masks = dict(q_positions_BxT=positions_BxT, kv_positions_BxS=positions_BxT,
+                     segment_ids=segment_ids_BxT)
     else:
       k_cache, v_cache, kv_positions, kv_segments, index = cache
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
       new_kv = (k, v)
-    out = attend(q, k.astype(dt), v.astype(dt), impl=cfg.attention_impl,
-                 q_positions_BxT=positions_BxT, kv_positions_BxS=kv_positions,
-                 q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=kv_segments,
-                 causal=True, sliding_window=cfg.sliding_window)
+      masks = dict(q_positions_BxT=positions_BxT, kv_positions_BxS=kv_positions,
+                   q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=kv_segments)
+      if impl not in ('dense', 'blockwise'):
+        impl = 'auto'   # decoding: queries and cache differ in length; ring etc. do not apply
+    out = attend(q, k.astype(dt), v.astype(dt), impl=impl, causal=True,
+                 sliding_window=cfg.sliding_window, ring_layout=cfg.ring_layout, **block,
+                 **masks)
     return _matmul(out, self.o_proj[...].astype(dt), n_in=2), new_kv
 
 
@@ -203,8 +228,9 @@ class Block(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None):
-    h, new_kv = self.attn(self.input_norm(x_BxTxD), positions_BxT, segment_ids_BxT, cache)
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False):
+    h, new_kv = self.attn(self.input_norm(x_BxTxD), positions_BxT, segment_ids_BxT, cache,
+                          natural)
     x_BxTxD = x_BxTxD + h
     return x_BxTxD + self.mlp(self.post_attn_norm(x_BxTxD)), new_kv
 
@@ -250,13 +276,14 @@ class Mistral(nnx.Module):
     """Float32 logits [B, T, V]. Positions default to 0..T-1; tokens attend only to
     earlier tokens of the same segment (segment ids default to all zeros)."""
     B, T = tokens_BxT.shape
+    natural = positions_BxT is None and segment_ids_BxT is None
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.zeros((B, T), jnp.int32)
     x = self._embed(tokens_BxT)
     for block in self.layers:
-      x, _ = block(x, positions_BxT, segment_ids_BxT)
+      x, _ = block(x, positions_BxT, segment_ids_BxT, natural=natural)
     return self._logits(x)
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,

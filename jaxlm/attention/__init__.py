@@ -1,8 +1,16 @@
 """One attention entry point; kernels are selected by name.
 
-Every implementation computes the same function as `dense.attend_dense` (the
-oracle) and is tested against it. Later kernels (blockwise, ring, cuDNN, Pallas)
-register here under their `impl` name.
+  dense      jax.nn.dot_product_attention with an explicit mask: the oracle (dense.py)
+  blockwise  exact, O(T * block) memory, custom VJP, skips invisible blocks (blockwise.py)
+  ring       sequence sharded over the mesh's `context` axis, blockwise per device (ring.py)
+  cudnn      cuDNN flash attention, NVIDIA GPUs only (cudnn.py)
+  splash     Pallas splash attention, TPUs only (splash.py)
+  auto       ring if the mesh has a context axis > 1; else cudnn on GPU and splash on TPU
+             when the mask allows; else blockwise for long sequences, dense for short
+
+Every implementation computes the oracle's function (tested against it on random
+inputs, values and gradients). Masks come from positions and segment ids; Hugging
+Face's sliding_window=W counts the current token (keys with q_pos - W < kv_pos).
 """
 
 from __future__ import annotations
@@ -10,13 +18,40 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.attention.blockwise import DEFAULT_BLOCK, attend_blockwise
+from jaxlm.attention.cudnn import attend_cudnn
 from jaxlm.attention.dense import attend_dense, make_mask
+from jaxlm.attention.ring import ring_attention
+from jaxlm.attention.splash import attend_splash
 
-IMPLEMENTATIONS = {
-    'dense': attend_dense,
-}
+IMPLEMENTATIONS = ('dense', 'blockwise', 'ring', 'cudnn', 'splash', 'auto')
+AUTO_BLOCKWISE_MIN_SCORES = 2048 * 2048   # T * S above which auto picks blockwise on CPU
 
-__all__ = ['attend', 'attend_dense', 'make_mask', 'IMPLEMENTATIONS']
+__all__ = ['attend', 'attend_dense', 'attend_blockwise', 'ring_attention', 'make_mask',
+           'IMPLEMENTATIONS']
+
+
+def _context_mesh(mesh):
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or 'context' not in mesh.axis_names:
+    return None
+  return mesh
+
+
+def resolve_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool = False,
+                 segments: bool = False) -> str:
+  """The concrete kernel `auto` stands for in this setting (others: unchanged)."""
+  if impl != 'auto':
+    return impl
+  ctx = _context_mesh(mesh)
+  if ctx is not None and ctx.shape['context'] > 1 and T == S:
+    return 'ring'
+  platforms = {d.platform for d in jax.devices()}
+  if 'gpu' in platforms and not custom_positions and not segments:
+    return 'cudnn'
+  if 'tpu' in platforms and not custom_positions:
+    return 'splash'
+  return 'blockwise' if T * S > AUTO_BLOCKWISE_MIN_SCORES else 'dense'
 
 
 def attend(
@@ -25,27 +60,57 @@ def attend(
     v_BxSxKxD: jax.Array,
     *,
     impl: str = 'dense',
+    causal: bool = True,
+    sliding_window: int | None = None,
+    segment_ids: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     q_positions_BxT: jax.Array | None = None,
     kv_positions_BxS: jax.Array | None = None,
     q_segment_ids_BxT: jax.Array | None = None,
     kv_segment_ids_BxS: jax.Array | None = None,
-    causal: bool = True,
-    sliding_window: int | None = None,
     scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK,
+    block_kv: int = DEFAULT_BLOCK,
+    ring_layout: str = 'natural',
 ) -> jax.Array:
   """Multi-head attention with grouped-query heads: [B,T,H,D] x [B,S,K,D] -> [B,T,H,D].
 
-  Positions default to 0..T-1 for queries and 0..S-1 for keys; pass them explicitly
-  when decoding from a cache. Segment ids default to a single segment; tokens attend
-  only within their own segment (packing, padding, empty cache slots).
+  segment_ids [B, T]: self-attention shorthand for q_ and kv_segment_ids; tokens attend
+  only within their own segment (packing, padding, empty cache slots). Positions
+  default to 0..T-1 and 0..S-1; pass them when decoding from a cache or when the
+  sequence is permuted. mesh: for `ring` (its `context` axis carries the sequence, in
+  natural order unless ring_layout='zigzag'); defaults to the mesh set by jax.set_mesh.
   """
   if impl not in IMPLEMENTATIONS:
-    raise ValueError(
-        f'attention impl={impl!r} is not available; choose one of {sorted(IMPLEMENTATIONS)}')
+    raise ValueError(f'attention impl={impl!r} is not available; choose one of {IMPLEMENTATIONS}')
   B, T, H, _ = q_BxTxHxD.shape
   S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
   if H % K:
     raise ValueError(f'query heads ({H}) must be a multiple of key/value heads ({K})')
+  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    raise ValueError(f'sliding_window={sliding_window!r} must be None or a positive int')
+  if segment_ids is not None:
+    if q_segment_ids_BxT is not None or kv_segment_ids_BxS is not None or T != S:
+      raise ValueError('segment_ids is the self-attention shorthand: give either it or '
+                       'q_segment_ids_BxT/kv_segment_ids_BxS, and only when T == S')
+    q_segment_ids_BxT = kv_segment_ids_BxS = segment_ids
+  custom_positions = q_positions_BxT is not None or kv_positions_BxS is not None
+  segments = q_segment_ids_BxT is not None or kv_segment_ids_BxS is not None
+  impl = resolve_impl(impl, T=T, S=S, mesh=mesh, custom_positions=custom_positions,
+                      segments=segments)
+
+  if impl == 'cudnn':
+    return attend_cudnn(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
+                        sliding_window=sliding_window, scale=scale,
+                        custom_mask=custom_positions or segments)
+  if impl == 'splash':
+    if q_segment_ids_BxT is not None and kv_segment_ids_BxS is not q_segment_ids_BxT:
+      raise ValueError("attention impl='splash' takes self-attention segment_ids only")
+    return attend_splash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT=q_segment_ids_BxT,
+                         causal=causal, sliding_window=sliding_window, scale=scale,
+                         custom_positions=custom_positions, block_q=block_q,
+                         block_kv=block_kv)
+
   if q_positions_BxT is None:
     q_positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   if kv_positions_BxS is None:
@@ -54,8 +119,13 @@ def attend(
     q_segment_ids_BxT = jnp.zeros((B, T), jnp.int32)
   if kv_segment_ids_BxS is None:
     kv_segment_ids_BxS = jnp.zeros((B, S), jnp.int32)
-  return IMPLEMENTATIONS[impl](
-      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
-      q_positions_BxT=q_positions_BxT, kv_positions_BxS=kv_positions_BxS,
-      q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
-      causal=causal, sliding_window=sliding_window, scale=scale)
+  masks = dict(q_positions_BxT=q_positions_BxT, kv_positions_BxS=kv_positions_BxS,
+               q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
+               causal=causal, sliding_window=sliding_window, scale=scale)
+  if impl == 'dense':
+    return attend_dense(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, **masks)
+  if impl == 'blockwise':
+    return attend_blockwise(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, block_q=block_q,
+                            block_kv=block_kv, **masks)
+  return ring_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mesh=_context_mesh(mesh) or mesh,
+                        layout=ring_layout, block_q=block_q, block_kv=block_kv, **masks)
