@@ -50,3 +50,144 @@ def test_errors():
     attend(x, x, x, impl='flash')
   with pytest.raises(ValueError, match=r'query heads \(3\) must be a multiple of key/value heads \(2\)'):
     attend(x, jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 2, 8)))
+
+
+# ----------------------------------------------------------------------------- kernels vs oracle
+
+import jax  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+
+from jaxlm.attention import attend_dense as dense_oracle  # noqa: E402
+from jaxlm.attention.blockwise import _Problem  # noqa: E402
+from jaxlm.attention.ring import from_zigzag, to_zigzag, zigzag_indices  # noqa: E402
+
+
+def _inputs(B, T, H, K, D, dtype=jnp.float32, seed=0, packed=False):
+  rs = np.random.RandomState(seed)
+  q, k, v, ct = (jnp.asarray(rs.randn(B, T, n, D), dtype) for n in (H, K, K, H))
+  pos = np.tile(np.arange(T), (B, 1))
+  seg = np.ones((B, T), np.int32)
+  if packed:  # three packed documents per row, positions restart in each
+    cuts = [T // 3, T // 3 + T // 4]
+    seg[:, cuts[0]:] = 2
+    seg[:, cuts[1]:] = 3
+    for c in cuts:
+      pos[:, c:] -= pos[:, c:c + 1]
+  return q, k, v, ct, jnp.asarray(pos), jnp.asarray(seg)
+
+
+def _vjp(fn, q, k, v, ct):
+  out, pullback = jax.vjp(fn, q, k, v)
+  return (out,) + pullback(ct)
+
+
+def _check(got, want, atol):
+  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol,
+                               rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize('T', [64, 100])                 # a multiple of the block and not
+@pytest.mark.parametrize('causal, window', [(True, None), (False, None), (True, 5), (True, 40),
+                                            (False, 24)])
+@pytest.mark.parametrize('packed', [False, True])
+def test_blockwise_matches_dense(T, causal, window, packed):
+  q, k, v, ct, pos, seg = _inputs(2, T, 4, 2, 16, packed=packed)
+  kw = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg,
+            kv_segment_ids_BxS=seg, causal=causal, sliding_window=window)
+  want = _vjp(lambda q, k, v: dense_oracle(q, k, v, **kw), q, k, v, ct)
+  got = _vjp(lambda q, k, v: attend(q, k, v, impl='blockwise', block_q=16, block_kv=24, **kw),
+             q, k, v, ct)
+  _check(got, want, 2e-5)
+
+
+def test_blockwise_bfloat16_stays_close():
+  q, k, v, ct, pos, seg = _inputs(2, 96, 4, 1, 32, dtype=jnp.bfloat16, packed=True)
+  kw = dict(segment_ids=seg, sliding_window=33)
+  want = _vjp(lambda *a: attend(*(x.astype(jnp.float32) for x in a), impl='dense', **kw),
+              q, k, v, ct.astype(jnp.float32))
+  got = _vjp(lambda *a: attend(*a, impl='blockwise', block_q=32, block_kv=32, **kw), q, k, v, ct)
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
+  _check(got, want, 6e-2)
+
+
+def test_blockwise_skips_invisible_blocks():
+  """Causal: the upper triangle of blocks is skipped; with a window of 8 and blocks of 16
+  only the diagonal and the block below it remain."""
+  q, k, v, _, pos, seg = _inputs(1, 64, 2, 2, 8)
+  causal = _Problem(q, k, v, pos, pos, seg, seg, True, None, None, 16, 16).visible
+  np.testing.assert_array_equal(causal, np.tril(np.ones((4, 4), bool)))
+  window = _Problem(q, k, v, pos, pos, seg, seg, True, 8, None, 16, 16).visible
+  np.testing.assert_array_equal(window, np.tril(np.ones((4, 4), bool)) & ~np.tril(np.ones((4, 4), bool), -2))
+  assert _Problem(q, k, v, pos, pos, seg, seg, False, None, None, 16, 16).visible.all()
+
+
+def _mesh(data, context):
+  return jax.make_mesh((data, context), ('data', 'context'), axis_types=(AxisType.Auto,) * 2)
+
+
+@pytest.mark.parametrize('data, context', [(4, 2), (2, 4), (1, 8)])
+@pytest.mark.parametrize('causal, window', [(True, None), (True, 6), (False, None)])
+def test_ring_matches_dense(data, context, causal, window):
+  q, k, v, ct, pos, seg = _inputs(4, 64, 4, 2, 16, packed=True)
+  kw = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg,
+            kv_segment_ids_BxS=seg, causal=causal, sliding_window=window)
+  want = _vjp(lambda q, k, v: dense_oracle(q, k, v, **kw), q, k, v, ct)
+  mesh = _mesh(data, context)
+  ring = jax.jit(lambda q, k, v: attend(q, k, v, impl='ring', mesh=mesh, block_q=8,
+                                        block_kv=8, **kw))
+  _check(_vjp(ring, q, k, v, ct), want, 2e-5)
+
+
+def test_ring_zigzag_layout():
+  x = jnp.arange(2 * 16).reshape(2, 16)
+  np.testing.assert_array_equal(zigzag_indices(16, 4), [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10,
+                                                        11, 6, 7, 8, 9])
+  np.testing.assert_array_equal(from_zigzag(to_zigzag(x, 4), 4), x)
+  # Pre-permuted inputs (what a trainer feeds) give the permuted natural-order result.
+  q, k, v, _, pos, seg = _inputs(2, 32, 2, 2, 8)
+  mesh = _mesh(2, 4)
+  natural = attend(q, k, v, impl='ring', mesh=mesh, block_q=8, block_kv=8)
+  z = lambda t: to_zigzag(t, 4)
+  zig = attend(z(q), z(k), z(v), impl='ring', mesh=mesh, ring_layout='zigzag', block_q=8,
+               block_kv=8, q_positions_BxT=z(pos), kv_positions_BxS=z(pos))
+  np.testing.assert_allclose(from_zigzag(zig, 4), natural, atol=1e-6)
+
+
+def test_ring_uses_the_context_mesh():
+  q, k, v, _, _, _ = _inputs(2, 32, 2, 2, 8)
+  with jax.set_mesh(_mesh(2, 4)):
+    out = jax.jit(lambda q, k, v: attend(q, k, v, impl='ring', block_q=8, block_kv=8))(q, k, v)
+  np.testing.assert_allclose(out, attend(q, k, v), atol=1e-5)
+
+
+def test_splash_wrapper_in_interpret_mode_matches_dense():
+  """The TPU kernel's wrapper, run by the Pallas interpreter on CPU."""
+  from jaxlm.attention.splash import attend_splash
+  q, k, v, _, pos, seg = _inputs(1, 256, 4, 2, 128, packed=True)
+  for window in (None, 40):
+    got = attend_splash(q, k, v, segment_ids_BxT=seg, sliding_window=window, block_q=128,
+                        block_kv=128, interpret=True)
+    # Natural positions across the packed row: splash's masks are static.
+    nat = jnp.broadcast_to(jnp.arange(256), (1, 256))
+    want = dense_oracle(q, k, v, q_positions_BxT=nat, kv_positions_BxS=nat,
+                        q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg, causal=True,
+                        sliding_window=window)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_kernel_errors():
+  q, k, v, _, pos, seg = _inputs(2, 36, 2, 2, 8)
+  with pytest.raises(ValueError, match='mesh context=4 but seq_len=36 is not divisible by 2\\*4'):
+    attend(q, k, v, impl='ring', mesh=_mesh(2, 4))
+  with pytest.raises(ValueError, match="impl='ring' needs a mesh with a 'context' axis"):
+    attend(q, k, v, impl='ring')
+  with pytest.raises(ValueError, match='block sizes must be positive multiples of 8, got block_q=12'):
+    attend(q, k, v, impl='blockwise', block_q=12)
+  with pytest.raises(ValueError, match='sliding_window=0 must be None or a positive int'):
+    attend(q, k, v, sliding_window=0)
+  with pytest.raises(ValueError, match="impl='cudnn' needs an NVIDIA GPU; this process has \\['cpu'\\]"):
+    attend(q, k, v, impl='cudnn')
+  with pytest.raises(ValueError, match="impl='splash' needs a TPU"):
+    attend(q, k, v, impl='splash')
+  assert attend(q, k, v, impl='auto').shape == q.shape   # CPU, short: dense
