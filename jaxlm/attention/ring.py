@@ -14,8 +14,9 @@ everything. We use the zigzag layout: cut the sequence into 2n chunks and give d
 d chunks d and 2n-1-d, so every device holds one early and one late chunk and does
 the same work. Masks use token positions, which travel with the keys, so any layout
 is correct and the layout only affects speed. `attend(impl='ring')` takes natural
-order (the interface contract) and applies the zigzag permutation inside, undoing it
-on the output. A trainer can instead permute each batch once with `to_zigzag`
+order (the interface contract) and moves the chunks into zigzag order inside the
+shard_map with two ppermutes (no device ever holds the whole sequence), moving the
+output back the same way. A trainer can instead permute each batch once with `to_zigzag`
 (tokens, targets, positions and segment ids alike; the loss is order-invariant and
 RoPE uses the explicit positions) and pass `ring_layout='zigzag'`, which skips the
 two per-layer permutations.
@@ -54,6 +55,43 @@ def to_zigzag(x, n: int, axis: int = 1):
 
 def from_zigzag(x, n: int, axis: int = 1):
   return jnp.take(x, jnp.asarray(np.argsort(zigzag_indices(x.shape[axis], n))), axis=axis)
+
+
+def _zigzag_moves(n: int):
+  """ppermute pairs that move chunks between the natural and zigzag layouts.
+
+  Natural: device d holds chunks 2d, 2d+1. Zigzag: device d holds chunks d, 2n-1-d.
+  Chunk c's zigzag home is c if c < n else 2n-1-c. Moving all even chunks is one
+  permutation of devices, moving all odd chunks another.
+  """
+  home = lambda c: c if c < n else 2 * n - 1 - c
+  even = [(c // 2, home(c)) for c in range(0, 2 * n, 2)]
+  odd = [(c // 2, home(c)) for c in range(1, 2 * n, 2)]
+  return even, odd
+
+
+def _local_to_zigzag(x, axis: str, n: int):
+  """Inside shard_map: [B, T/n, ...] natural-order shard -> this device's zigzag shard,
+  with two ppermutes and no gather of the full sequence."""
+  even, odd = _zigzag_moves(n)
+  first, second = jnp.split(x, 2, axis=1)          # chunks 2d (even) and 2d+1 (odd)
+  got_even = jax.lax.ppermute(first, axis, even)
+  got_odd = jax.lax.ppermute(second, axis, odd)
+  d_even = jax.lax.axis_index(axis) % 2 == 0       # device d keeps chunk d first
+  return jnp.where(d_even, jnp.concatenate([got_even, got_odd], 1),
+                   jnp.concatenate([got_odd, got_even], 1))
+
+
+def _local_from_zigzag(x, axis: str, n: int):
+  """Inverse of `_local_to_zigzag`."""
+  even, odd = _zigzag_moves(n)
+  first, second = jnp.split(x, 2, axis=1)          # chunks d and 2n-1-d
+  d_even = jax.lax.axis_index(axis) % 2 == 0
+  mine_even = jnp.where(d_even, first, second)
+  mine_odd = jnp.where(d_even, second, first)
+  back = lambda pairs: [(dst, src) for src, dst in pairs]
+  return jnp.concatenate([jax.lax.ppermute(mine_even, axis, back(even)),
+                          jax.lax.ppermute(mine_odd, axis, back(odd))], axis=1)
 
 
 def _visible(q_pos, kv_pos, q_seg, kv_seg, causal, window):
@@ -178,11 +216,12 @@ def ring_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, q_positions_BxT, kv_posit
   spec_pos = P(tuple(batch_axes) or None, axis)
   args = (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, q_positions_BxT, kv_positions_BxS,
           q_segment_ids_BxT, kv_segment_ids_BxS)
-  if layout == 'natural' and n > 1:
-    args = tuple(to_zigzag(x, n) for x in args)
   ring = _make_ring(axis, n, causal, sliding_window, scale, block_q, block_kv)
-  out = jax.shard_map(ring, mesh=mesh, in_specs=(spec_x,) * 3 + (spec_pos,) * 4,
-                      out_specs=spec_x, check_vma=False)(*args)
   if layout == 'natural' and n > 1:
-    out = from_zigzag(out, n)
-  return out
+    def per_device(*local):
+      local = tuple(_local_to_zigzag(x, axis, n) for x in local)
+      return _local_from_zigzag(ring(*local), axis, n)
+  else:
+    per_device = ring
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(spec_x,) * 3 + (spec_pos,) * 4,
+                       out_specs=spec_x, check_vma=False)(*args)

@@ -47,8 +47,18 @@ def main(argv=None):
   parser.add_argument('--seconds', type=float, default=3.0)
   parser.add_argument('--mfu', type=float, default=0.4)
   args = parser.parse_args(argv)
-  if hasattr(os, 'sched_setaffinity'):
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+  pinned = hasattr(os, 'sched_setaffinity')
+  if pinned:
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {sorted(cores)[0]})
+  try:
+    run(args)
+  finally:
+    if pinned:
+      os.sched_setaffinity(0, cores)
+
+
+def run(args):
   tok = Tokenizer()
   cfg = get_config('mistral-7b-v0.1')
   print(f'one core of {os.cpu_count()}; Mistral v1 tokenizer; {args.seconds:.0f}s per row')

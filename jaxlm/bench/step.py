@@ -5,7 +5,7 @@ loss (mean next-token cross-entropy) and optimizer (AdamW, lr 1e-4, weight decay
 in one process, one after the other. Prints per-step medians, tokens/s and the ratio.
 
   python -m jaxlm.bench.step                      # d256, 4 layers, vocab 32000, B4 x T256
-  python -m jaxlm.bench.step --vocab 512 --seq 512 --batch 8 --steps 10
+  python -m jaxlm.bench.step --vocab 512 --seq 512 --batch 8 --steps 10 --attention blockwise
 """
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ def main(argv=None):
   parser.add_argument('--seq', type=int, default=256)
   parser.add_argument('--steps', type=int, default=8)
   parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--attention', default='dense', help='jaxlm attention_impl')
   parser.add_argument('--skip_torch', action='store_true')
   args = parser.parse_args(argv)
 
   overrides = {'vocab_size': args.vocab} if args.vocab else {}
-  cfg = get_config(args.preset, **overrides)
+  cfg = get_config(args.preset, attention_impl=args.attention, **overrides)
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
   n_tokens = args.batch * args.seq
   print(f'machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} '
@@ -101,7 +102,8 @@ def main(argv=None):
   print(f'model: {args.preset} {overrides or ""} ({cfg.num_params() / 1e6:.1f}M params), '
         f'batch {args.batch} x seq {args.seq}, float32, AdamW; '
         f'{args.warmup} warm-up + {args.steps} timed steps')
-  rows = [('jaxlm (jax.jit)', bench_jax(cfg, tokens, args.warmup, args.steps))]
+  rows = [(f'jaxlm (jax.jit, {args.attention} attention)',
+           bench_jax(cfg, tokens, args.warmup, args.steps))]
   if not args.skip_torch:
     import torch
     rows.append((f'transformers {__import__("transformers").__version__} '
