@@ -191,3 +191,15 @@ def test_kernel_errors():
   with pytest.raises(ValueError, match="impl='splash' needs a TPU"):
     attend(q, k, v, impl='splash')
   assert attend(q, k, v, impl='auto').shape == q.shape   # CPU, short: dense
+
+
+def test_ring_bfloat16_stays_close():
+  q, k, v, ct, pos, seg = _inputs(2, 64, 4, 2, 32, dtype=jnp.bfloat16, packed=True)
+  f32 = lambda *a: tuple(x.astype(jnp.float32) for x in a)
+  want = _vjp(lambda q, k, v: attend(q, k, v, segment_ids=seg.astype(jnp.int32)),
+              *f32(q, k, v, ct))
+  ring = jax.jit(lambda q, k, v: attend(q, k, v, impl='ring', mesh=_mesh(2, 4),
+                                        segment_ids=seg, block_q=8, block_kv=8))
+  got = _vjp(ring, q, k, v, ct)
+  assert got[0].dtype == jnp.bfloat16
+  _check(got, want, 6e-2)
