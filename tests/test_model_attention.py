@@ -24,7 +24,9 @@ def _loss(model, tokens):
 
 
 def _train_step(model, tokens):
-  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+  # SGD: the update is linear in the gradient, so matching gradients give matching
+  # parameters (Adam's first step is sign-like and amplifies rounding in tiny gradients).
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   loss, grads = nnx.value_and_grad(_loss)(model, tokens)
   optimizer.update(model, grads)
   return loss, grads, nnx.state(model, nnx.Param)
@@ -49,7 +51,7 @@ def test_blockwise_model_matches_dense(dense_step):
   got_loss, got_grads, got_params = nnx.jit(_train_step)(model, TOKENS)
   np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
   _assert_trees_close(got_grads, grads, 2e-6)
-  _assert_trees_close(got_params, params, 1e-4)  # Adam amplifies near-zero gradient noise
+  _assert_trees_close(got_params, params, 1e-6)
 
 
 def test_ring_model_on_data2_context4_matches_single_device_dense(dense_step):
@@ -64,4 +66,4 @@ def test_ring_model_on_data2_context4_matches_single_device_dense(dense_step):
   np.testing.assert_allclose(got_logits, logits, atol=2e-5)
   np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
   _assert_trees_close(got_grads, grads, 2e-6)
-  _assert_trees_close(got_params, params, 1e-4)  # Adam amplifies near-zero gradient noise
+  _assert_trees_close(got_params, params, 1e-6)
