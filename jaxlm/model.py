@@ -23,6 +23,12 @@ from flax import nnx
 from jaxlm.attention import IMPLEMENTATIONS, attend
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# Rematerialization of each block in the backward pass: what is saved from the forward.
+REMAT_POLICIES = {
+    'none': None,                                                    # save everything
+    'full': jax.checkpoint_policies.nothing_saveable,                # save only block inputs
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # save weight matmuls
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,7 @@ class MistralConfig:
   attention_block_q: int = 512         # blockwise / ring / splash query block
   attention_block_kv: int = 512        # ... and key/value block
   ring_layout: str = 'natural'         # 'zigzag' when the trainer feeds zigzag-ordered batches
+  remat: str = 'none'                  # recompute each block in the backward: 'none' | 'full' | 'dots'
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
@@ -71,6 +78,8 @@ class MistralConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0 or value % 8:
         raise ValueError(f'MistralConfig.{name}={value!r} must be a positive multiple of 8')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'MistralConfig.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}')
     if self.ring_layout not in ('natural', 'zigzag'):
       raise ValueError(f"MistralConfig.ring_layout={self.ring_layout!r} must be 'natural' or "
                        "'zigzag'")
@@ -283,7 +292,12 @@ class Mistral(nnx.Module):
       segment_ids_BxT = jnp.zeros((B, T), jnp.int32)
     x = self._embed(tokens_BxT)
     for block in self.layers:
-      x, _ = block(x, positions_BxT, segment_ids_BxT, natural=natural)
+      if self.cfg.remat == 'none':
+        x, _ = block(x, positions_BxT, segment_ids_BxT, natural=natural)
+      else:
+        run = lambda blk, x, p, s: blk(x, p, s, natural=natural)[0]
+        x = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])(
+            block, x, positions_BxT, segment_ids_BxT)
     return self._logits(x)
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,

@@ -66,3 +66,58 @@ def make_array(host_array: np.ndarray, sharding: jax.sharding.Sharding | None,
     return jax.device_put(np.asarray(host_array, dtype=dtype))
   return jax.make_array_from_callback(
       host_array.shape, sharding, lambda idx: np.asarray(host_array[idx], dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- meshes
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'context')
+BATCH_AXES = ('data', 'fsdp')   # the global batch is split over both
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolve a {axis: size} mapping (one size may be -1) against the device count."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f'unknown mesh axes {unknown}; the mesh axes are {MESH_AXES}')
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  wild = [a for a, s in zip(MESH_AXES, shape) if s == -1]
+  if len(wild) > 1:
+    raise ValueError(f'only one mesh axis may be -1, got {wild}')
+  bad = [f'{a}={s}' for a, s in zip(MESH_AXES, shape) if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f'mesh sizes must be positive or -1, got {", ".join(bad)}')
+  fixed = int(np.prod([s for s in shape if s != -1]))
+  if wild:
+    if num_devices % fixed:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are not '
+                       f'divisible by the product of the fixed axes ({fixed})')
+    shape[MESH_AXES.index(wild[0])] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, shape))} has {fixed} devices but '
+                     f'{num_devices} are available; make the product match or set one axis to -1')
+  return tuple(shape)
+
+
+def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor, context) sized from `sizes`."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(sizes, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
+                       devices=devices)
+
+
+def state_shardings(state, mesh: Mesh, rules=None):
+  """NamedShardings for an nnx State (parameters, optimizer state), from logical names;
+  variables without names (step counters) are replicated."""
+  def one(v):
+    names = v.get_metadata().get('out_sharding') if hasattr(v, 'get_metadata') else None
+    shape = getattr(v, 'shape', ())
+    if not names or len(names) != len(shape):
+      return v.replace(NamedSharding(mesh, PartitionSpec()))
+    return v.replace(NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules)))
+  return jax.tree.map(one, state, is_leaf=lambda x: hasattr(x, 'get_metadata'))
+
+
+def batch_spec(sequence_sharded: bool) -> PartitionSpec:
+  """[B, T] batches: batch over data and fsdp; sequence over context for ring attention."""
+  return PartitionSpec(BATCH_AXES, 'context' if sequence_sharded else None)

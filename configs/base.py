@@ -1,0 +1,76 @@
+"""Defaults every training config starts from; each config file overrides what it needs.
+
+Field reference (all overridable: --config.train.steps=100, --config.mesh.fsdp=-1, ...):
+  model.*   preset name plus any jaxlm.model.MistralConfig field
+  data.*    jaxlm.data.pipeline.DataConfig fields (global batch = train.batch_size)
+  train.*   optimizer, schedule, accumulation, logging and checkpoint cadence
+  eval.*    held-out retrieval accuracy by gold position (periodic and final)
+  mesh.*    device mesh sizes (one may be -1: the remaining devices)
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ''                  # a Hugging Face checkpoint directory; '' = from scratch
+  c.tokenizer = 'data/tokenizers/mistral-v1.model'
+  c.export_hf = True                # write WORKDIR/hf at the end
+  c.distributed = False             # jax.distributed.initialize() (multi-host launches)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = 'tiny'
+  c.model.param_dtype = 'float32'   # master weights
+  c.model.dtype = 'float32'         # compute
+  c.model.attention_impl = 'auto'
+  c.model.remat = 'none'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = 'simple_kv'
+  c.data.task_fields = ml_collections.ConfigDict()
+  c.data.seed = 0
+  c.data.num_examples = None        # None: an endless stream of fresh examples
+  c.data.num_epochs = 1
+  c.data.shuffle = True
+  c.data.seq_len = 4096
+  c.data.packing = False
+  c.data.num_packing_bins = 8
+  c.data.chat_format = 'mistral'
+  c.data.on_long = 'error'
+  c.data.num_threads = 0
+  c.data.num_workers = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.batch_size = 16           # global, in sequences
+  c.train.grad_accum = 1
+  c.train.lr = 5e-6
+  c.train.warmup_steps = 0
+  c.train.schedule = 'cosine'       # cosine | linear | constant (after warmup)
+  c.train.end_lr_frac = 0.1
+  c.train.weight_decay = 0.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.clip_norm = 1.0
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 3
+  c.train.peak_flops_per_device = 0.0   # 0: look the chip up in jaxlm.flops.PEAK_FLOPS
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0                  # 0: only at the end
+  c.eval.per_position = 20
+  c.eval.positions = [0.0, 0.25, 0.5, 0.75, 1.0]
+  c.eval.seed = 10_000              # never used by training data
+  c.eval.max_new_tokens = 32
+  c.eval.batch_size = 16
+  c.eval.task_fields = ml_collections.ConfigDict()
+
+  c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1, 'context': 1,
+                                      'devices': 0})   # devices: use the first N (0: all)
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.kill_at_step = 0          # fault injection for resume tests: SIGKILL after this step
+  c.debug.sigterm_at_step = 0       # ... or SIGTERM (preemption)
+  return c

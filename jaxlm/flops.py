@@ -1,0 +1,82 @@
+"""Model FLOPs and MFU.
+
+Training FLOPs per token = 3 x forward (backward is twice the forward):
+  forward = 2 x (matmul parameters: attention projections, MLP, LM head; the embedding
+            lookup is a gather, not a matmul)
+          + 4 x layers x heads x head_dim x (mean keys each query attends to)
+The mean number of visible keys is (T+1)/2 for causal attention over T tokens and
+shrinks further with a sliding window W: mean over t of min(t+1, W). Packed sequences
+are counted as if unpacked (an upper bound). MFU = achieved model FLOPs per second per
+device / the chip's peak dense bf16 FLOPs.
+"""
+
+from __future__ import annotations
+
+import jax
+
+# Peak dense bf16 FLOP/s per chip, by `device.device_kind`.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,        # v5e
+    'TPU v5e': 197e12,
+    'TPU v5': 459e12,             # v5p reports 'TPU v5'
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,        # v6e (Trillium)
+    'TPU v6e': 918e12,
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H100 NVL': 835e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA A100-SXM4-40GB': 312e12,
+    'NVIDIA A100 80GB PCIe': 312e12,
+}
+
+
+def mean_visible_keys(seq_len: int, sliding_window: int | None, causal: bool = True) -> float:
+  if not causal:
+    return float(seq_len if sliding_window is None else min(seq_len, sliding_window))
+  if sliding_window is None or sliding_window >= seq_len:
+    return (seq_len + 1) / 2
+  w = sliding_window   # tokens 0..w-1 see t+1 keys, the rest see w
+  return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def matmul_params(cfg) -> int:
+  return cfg.num_params() - cfg.vocab_size * cfg.hidden_size - cfg.hidden_size * (
+      2 * cfg.num_layers + 1)   # minus the embedding table and the norm scales
+
+
+def forward_flops_per_token(cfg, seq_len: int) -> float:
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_visible_keys(
+      seq_len, cfg.sliding_window)
+  return 2 * matmul_params(cfg) + attention
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+  return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def peak_flops(device_kind: str) -> float:
+  """Peak bf16 FLOP/s of one chip; fails loudly on a chip not in the table."""
+  if device_kind not in PEAK_FLOPS:
+    raise KeyError(f'no peak FLOP/s known for device kind {device_kind!r}; add it to '
+                   f'jaxlm.flops.PEAK_FLOPS or set train.peak_flops_per_device '
+                   f'(known: {sorted(PEAK_FLOPS)})')
+  return PEAK_FLOPS[device_kind]
+
+
+def device_peak(override: float | None = None) -> float | None:
+  """This process's per-device peak: the override, the table entry, or None on CPU."""
+  if override:
+    return float(override)
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return None
+  return peak_flops(device.device_kind)
+
+
+def mfu(tokens_per_second: float, cfg, seq_len: int, num_devices: int, peak: float | None):
+  if not peak:
+    return None
+  return tokens_per_second * train_flops_per_token(cfg, seq_len) / (num_devices * peak)

@@ -1,0 +1,400 @@
+"""The fine-tuning loop: sharded jit step, AdamW, Orbax checkpoints, metrics, evaluation.
+
+  python -m jaxlm.train --config=configs/tiny_kv.py --workdir=runs/tiny
+  python -m jaxlm.train --config=configs/mistral7b_simple_kv.py --workdir=gs://... \\
+      --config.init_from=/ckpt/Mistral-7B-Instruct-v0.1 --config.mesh.fsdp=-1
+  python -m jaxlm.train --config=configs/mistral7b_simple_kv.py --aot_only   # does it fit?
+
+A run resumes automatically from the newest readable checkpoint in WORKDIR/checkpoints
+(model, optimizer, step and data-iterator state; an unreadable newest one is reported and
+the previous one used). SIGTERM saves a checkpoint and exits cleanly. The step is
+`jax.jit` with the parameters, optimizer state and batch placed by the logical-axis
+rules of `jaxlm.sharding`, the state donated, and gradient accumulation inside the step
+(the loss is summed over micro-batches and divided by the answer-token count once, so
+accumulation does not change the result).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from ml_collections import config_flags
+
+from jaxlm import convert, flops
+from jaxlm import sharding as shd
+from jaxlm.data.pipeline import DataConfig, make_dataset
+from jaxlm.model import MistralConfig, get_config, init_model
+from jaxlm.tokenizer import Tokenizer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'training config file', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, outputs)')
+_AOT = flags.DEFINE_boolean('aot_only', False, 'compile the train step, report memory, exit')
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the field and value."""
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def model_config(c) -> MistralConfig:
+  fields = {k: v for k, v in c.model.items() if k != 'preset'}
+  try:
+    return get_config(c.model.preset, **fields)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from None
+
+
+def validate(c, cfg: MistralConfig, num_devices: int) -> tuple[int, ...]:
+  """Start-up checks with clear errors; returns the resolved mesh shape."""
+  sizes = {k: v for k, v in c.mesh.items() if k != 'devices'}
+  if c.mesh.devices:
+    if c.mesh.devices > num_devices:
+      raise ConfigError(f'mesh.devices={c.mesh.devices} but only {num_devices} devices exist')
+    num_devices = c.mesh.devices
+  try:
+    shape = shd.mesh_shape(sizes, num_devices)
+  except ValueError as e:
+    raise ConfigError(f'config.mesh: {e}') from None
+  sizes = dict(zip(shd.MESH_AXES, shape))
+  t = c.train
+  batch_par = sizes['data'] * sizes['fsdp']
+  if t.batch_size % batch_par:
+    raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by data*fsdp='
+                      f'{batch_par} (mesh {sizes})')
+  if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % batch_par:
+    raise ConfigError(f'train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} must '
+                      f'be a whole micro-batch divisible by data*fsdp={batch_par}')
+  if cfg.num_kv_heads % sizes['tensor']:
+    raise ConfigError(f'mesh.tensor={sizes["tensor"]} does not divide the model\'s '
+                      f'num_kv_heads={cfg.num_kv_heads} (or num_heads={cfg.num_heads})')
+  if sizes['context'] > 1:
+    if cfg.attention_impl not in ('ring', 'auto'):
+      raise ConfigError(f'mesh.context={sizes["context"]} needs model.attention_impl=ring '
+                        f'(got {cfg.attention_impl!r})')
+    if c.data.seq_len % (2 * sizes['context']):
+      raise ConfigError(f'mesh.context={sizes["context"]} but data.seq_len={c.data.seq_len} '
+                        f'is not divisible by 2*{sizes["context"]}')
+  if t.schedule not in ('cosine', 'linear', 'constant'):
+    raise ConfigError(f"train.schedule={t.schedule!r} must be 'cosine', 'linear' or 'constant'")
+  if t.steps <= 0 or t.warmup_steps < 0:
+    raise ConfigError(f'train.steps={t.steps} must be positive, train.warmup_steps='
+                      f'{t.warmup_steps} non-negative')
+  return shape
+
+
+def make_schedule(t):
+  decay_steps = max(1, t.steps - t.warmup_steps)
+  end = t.lr * t.end_lr_frac
+  decay = {'cosine': optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.end_lr_frac),
+           'linear': optax.linear_schedule(t.lr, end, decay_steps),
+           'constant': optax.constant_schedule(t.lr)}[t.schedule]
+  if not t.warmup_steps:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), decay],
+                              [t.warmup_steps])
+
+
+def make_optimizer(t, schedule):
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # not norm scales
+  return optax.chain(
+      optax.clip_by_global_norm(t.clip_norm) if t.clip_norm else optax.identity(),
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                  mask=decay_mask))
+
+
+def loss_sums(model, batch):
+  """Sum of answer-token cross-entropies, answer-token count and correct-token count."""
+  logits = model(batch['inputs'], batch['positions'], segment_ids_BxT=batch['segment_ids'])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  mask = batch['loss_mask'].astype(jnp.float32)
+  correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32) * mask
+  return jnp.sum(ce * mask), (jnp.sum(mask), jnp.sum(correct))
+
+
+def make_train_step(graphdef, grad_accum: int, schedule):
+  def train_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    grad_fn = jax.value_and_grad(
+        lambda params, mb: loss_sums(nnx.merge(model_def, params, rest), mb), has_aux=True)
+
+    def accumulate(carry, mb):
+      grads, loss, count, correct = carry
+      (l, (n, c)), g = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, correct + c), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    (grads, loss, count, correct), _ = jax.lax.scan(accumulate, init, micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    step = optimizer.step[...]
+    optimizer.update(model, grads)
+    metrics = {'loss': loss / denom, 'token_accuracy': correct / denom,
+               'answer_tokens': count, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(step)}
+    return nnx.state((model, optimizer)), metrics
+  return train_step
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class MetricWriter:
+  """metrics.jsonl (one object per logged step) and TensorBoard event files."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, Any]):
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
+    self.jsonl.write(json.dumps({'step': step, **clean}) + '\n')
+    self.jsonl.flush()
+    for k, v in clean.items():
+      if v is not None:
+        self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def _checkpointer(workdir, keep):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                           create=True))
+
+
+def _save(mngr, step, state, data_iter):
+  import grain
+  import orbax.checkpoint as ocp
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+      data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+
+def _restore(mngr, state, shardings, data_iter, log):
+  """Restore the newest readable checkpoint into (state, data_iter); returns its step
+  or None. An unreadable checkpoint is reported and the one before it tried."""
+  import grain
+  import orbax.checkpoint as ocp
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back)
+      log(f'[train] checkpoint at step {step} is unreadable ({type(e).__name__}: '
+          f'{str(e)[:200]}); trying the previous one')
+      continue
+    nnx.replace_by_pure_dict(state, restored['state'])
+    return step
+  return None
+
+
+def train(c, workdir: str, *, aot_only: bool = False, log=print) -> dict[str, Any]:
+  if c.distributed:
+    jax.distributed.initialize()
+  cfg = model_config(c)
+  shape = validate(c, cfg, jax.device_count())
+  devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
+  mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
+  is_main = jax.process_index() == 0
+  tokenizer = Tokenizer(c.tokenizer)
+  tokenizer.check_model(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(c.to_json(indent=2))
+
+  schedule = make_schedule(c.train)
+  tx = make_optimizer(c.train, schedule)
+  with jax.set_mesh(mesh):
+    if c.init_from:
+      _, model = convert.load_hf(c.init_from, mesh=mesh, **dataclass_fields(cfg))
+    else:
+      model = init_model(cfg, seed=c.seed)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  shardings = shd.state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
+  seq_sharded = shape[shd.MESH_AXES.index('context')] > 1
+  batch_sharding = NamedSharding(mesh, shd.batch_spec(seq_sharded))
+  step_fn = jax.jit(make_train_step(graphdef, c.train.grad_accum, schedule),
+                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                    donate_argnums=0)
+
+  if aot_only:
+    batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), jnp.int32,
+                                     sharding=batch_sharding)
+             for k in ('inputs', 'targets', 'loss_mask', 'positions', 'segment_ids')}
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, shardings)
+    with jax.set_mesh(mesh):
+      compiled = step_fn.lower(abstract, batch).compile()
+    mem = compiled.memory_analysis()
+    report = {'mesh': dict(zip(shd.MESH_AXES, shape)), 'devices': mesh.size,
+              'device_kind': jax.devices()[0].device_kind,
+              'argument_bytes': int(mem.argument_size_in_bytes),
+              'output_bytes': int(mem.output_size_in_bytes),
+              'temp_bytes': int(mem.temp_size_in_bytes),
+              'alias_bytes': int(mem.alias_size_in_bytes)}
+    report['total_bytes_per_device'] = (report['argument_bytes'] + report['output_bytes'] +
+                                        report['temp_bytes'] - report['alias_bytes'])
+    log(f'[aot] {cfg.num_params() / 1e9:.2f}B params, seq_len {c.data.seq_len}, global batch '
+        f'{c.train.batch_size}, mesh {report["mesh"]}: '
+        f'{report["total_bytes_per_device"] / 2**30:.2f} GiB per device (arguments '
+        f'{report["argument_bytes"] / 2**30:.2f}, temporaries {report["temp_bytes"] / 2**30:.2f})')
+    return report
+
+  data_cfg = DataConfig.from_dict({**c.data.to_dict(), 'global_batch_size': c.train.batch_size})
+  dataset = make_dataset(data_cfg, tokenizer, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+  data_iter = iter(dataset)
+  mngr = _checkpointer(workdir, c.train.keep_checkpoints)
+  start = _restore(mngr, state, shardings, data_iter, log) or 0
+  if start:
+    log(f'[train] resumed from step {start} in {workdir}')
+  writer = MetricWriter(workdir, is_main)
+  peak = flops.device_peak(c.train.peak_flops_per_device)
+  stop = {'signal': None}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal='SIGTERM'))
+  log(f'[train] {cfg.num_params() / 1e6:.1f}M params, mesh {dict(zip(shd.MESH_AXES, shape))}, '
+      f'{c.train.steps} steps of {c.train.batch_size} x {c.data.seq_len} tokens')
+
+  result: dict[str, Any] = {'start_step': start}
+  tokens_per_step = c.train.batch_size * c.data.seq_len
+  t_last, step = time.perf_counter(), start
+  try:
+    with jax.set_mesh(mesh):
+      while step < c.train.steps:
+        local = next(data_iter)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+                 for k, v in local.items()}
+        state, metrics = step_fn(state, batch)
+        step += 1
+        loss = float(metrics['loss'])
+        if not math.isfinite(loss):
+          raise FloatingPointError(
+              f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint '
+              f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints')
+        if step % c.train.log_every == 0 or step == c.train.steps:
+          now = time.perf_counter()
+          dt = (now - t_last) / (step - (result.get('last_logged') or start))
+          t_last, result['last_logged'] = now, step
+          m = {k: float(v) for k, v in metrics.items()}
+          m.update(step_time=dt, tokens_per_s=tokens_per_step / dt,
+                   mfu=flops.mfu(tokens_per_step / dt, cfg, c.data.seq_len,
+                                 mesh.size, peak))
+          writer.write(step, m)
+          eta = (c.train.steps - step) * dt
+          log(f'[train] step {step}/{c.train.steps} loss {m["loss"]:.4f} '
+              f'acc {m["token_accuracy"]:.3f} lr {m["lr"]:.2e} gnorm {m["grad_norm"]:.2f} '
+              f'{m["tokens_per_s"]:,.0f} tok/s {dt:.2f}s/step'
+              + (f' MFU {100 * m["mfu"]:.1f}%' if m['mfu'] is not None else '')
+              + f' ETA {eta:.0f}s')
+          result['loss'] = m['loss']
+        if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
+          _evaluate(c, nnx.merge(graphdef, state)[0], tokenizer, workdir, step, writer, log)
+        if step % c.train.checkpoint_every == 0 or step == c.train.steps or stop['signal']:
+          _save(mngr, step, state, data_iter)
+        if c.debug.kill_at_step and step == c.debug.kill_at_step:
+          mngr.wait_until_finished()
+          os.kill(os.getpid(), signal.SIGKILL)
+        if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
+          os.kill(os.getpid(), signal.SIGTERM)
+        if stop['signal']:
+          log(f'[train] {stop["signal"]}: saved the checkpoint at step {step}; exiting')
+          result['stopped'] = stop['signal']
+          break
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    signal.signal(signal.SIGTERM, previous)
+
+  result['step'] = step
+  if step >= c.train.steps and not result.get('stopped'):
+    model = nnx.merge(graphdef, state)[0]
+    if c.eval.every is not None and c.eval.per_position:
+      result['eval'] = _evaluate(c, model, tokenizer, workdir, step, None, log, final=True)
+    if c.export_hf:
+      convert.save_hf(cfg, model, os.path.join(workdir, 'hf'))
+      log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf')
+  result['state'] = state
+  result['graphdef'] = graphdef
+  return result
+
+
+def dataclass_fields(cfg: MistralConfig) -> dict[str, Any]:
+  """Config fields that load_hf cannot read from config.json (numerics, kernels)."""
+  keep = ('param_dtype', 'dtype', 'attention_impl', 'attention_block_q', 'attention_block_kv',
+          'ring_layout', 'remat')
+  return {k: getattr(cfg, k) for k in keep}
+
+
+def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False):
+  from jaxlm.eval import retrieval
+  e = c.eval
+  result = retrieval.evaluate_retrieval(
+      model, tokenizer, c.data.task, {**c.data.task_fields.to_dict(), **e.task_fields.to_dict()},
+      positions=list(e.positions), per_position=e.per_position, seed=e.seed,
+      chat_format=c.data.chat_format, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+  result['step'] = step
+  log(f'[eval] step {step}: held-out accuracy {result["accuracy"]:.3f} '
+      f'(value {result["value_accuracy"]:.3f})')
+  if writer is not None:
+    writer.write(step, {'eval_accuracy': result['accuracy'],
+                        'eval_value_accuracy': result['value_accuracy']})
+  if final and jax.process_index() == 0:
+    log(retrieval.format_table(result))
+    retrieval.write(result, os.path.join(workdir, 'eval_kv.json'),
+                    os.path.join(workdir, 'eval_kv.png'))
+    log(f'[eval] wrote {workdir}/eval_kv.json and {workdir}/eval_kv.png')
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config=configs/NAME.py is required')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # Orbax logs every save step at INFO
+  workdir = _WORKDIR.value or os.environ.get('WORKDIR') or 'runs/default'
+  try:
+    train(_CONFIG.value, workdir, aot_only=_AOT.value)
+  except ConfigError as e:
+    sys.exit(f'config error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
