@@ -147,7 +147,7 @@ def make_train_step(graphdef, grad_accum: int, schedule):
     step = optimizer.step[...]
     optimizer.update(model, grads)
     metrics = {'loss': loss / denom, 'token_accuracy': correct / denom,
-               'answer_tokens': count, 'grad_norm': optax.global_norm(grads),
+               'answer_tokens': count, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(step)}
     return nnx.state((model, optimizer)), metrics
   return train_step
@@ -206,6 +206,7 @@ def _restore(mngr, state, shardings, data_iter, log):
   import orbax.checkpoint as ocp
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
+  unreadable = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
@@ -214,8 +215,12 @@ def _restore(mngr, state, shardings, data_iter, log):
     except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back)
       log(f'[train] checkpoint at step {step} is unreadable ({type(e).__name__}: '
           f'{str(e)[:200]}); trying the previous one')
+      unreadable.append(step)
       continue
     nnx.replace_by_pure_dict(state, restored['state'])
+    for bad in unreadable:   # training will write these steps again
+      log(f'[train] deleting the unreadable checkpoint at step {bad}')
+      mngr.delete(bad)
     return step
   return None
 
@@ -324,13 +329,13 @@ def train(c, workdir: str, *, aot_only: bool = False, log=print) -> dict[str, An
           result['loss'] = m['loss']
         if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
           _evaluate(c, nnx.merge(graphdef, state)[0], tokenizer, workdir, step, writer, log)
-        if step % c.train.checkpoint_every == 0 or step == c.train.steps or stop['signal']:
-          _save(mngr, step, state, data_iter)
         if c.debug.kill_at_step and step == c.debug.kill_at_step:
           mngr.wait_until_finished()
           os.kill(os.getpid(), signal.SIGKILL)
         if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
+        if step % c.train.checkpoint_every == 0 or step == c.train.steps or stop['signal']:
+          _save(mngr, step, state, data_iter)
         if stop['signal']:
           log(f'[train] {stop["signal"]}: saved the checkpoint at step {step}; exiting')
           result['stopped'] = stop['signal']

@@ -1,0 +1,178 @@
+"""The trainer: sharded step equality, bit-exact resume after SIGKILL/SIGTERM, restore on
+another mesh, loss masking, config errors, corrupted checkpoints, learning."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxlm import sharding as shd
+from jaxlm import train as trainer
+from jaxlm.model import get_config, init_model
+
+import train_config  # tests/train_config.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+small_config = train_config.get_config
+
+
+def run_cli(workdir, *overrides):
+  cmd = [sys.executable, '-m', 'jaxlm.train', '--config=tests/train_config.py',
+         f'--workdir={workdir}', *overrides]
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_params(workdir):
+  """Model and optimizer state of the newest checkpoint: numpy arrays keyed by path."""
+  import orbax.checkpoint as ocp
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/*')
+                 if os.path.basename(p).isdigit())
+  restored = ocp.StandardCheckpointer().restore(f'{workdir}/checkpoints/{steps[-1]}/state')
+  flat = jax.tree_util.tree_flatten_with_path(restored)[0]   # model and optimizer state
+  return steps[-1], {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def assert_same_params(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_step_on_data2_fsdp2_tensor2_mesh_equals_single_device():
+  cfg = get_config('tiny', sliding_window=None)
+  tokens = np.random.RandomState(0).randint(0, 512, (8, 33)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'loss_mask': (np.arange(32) >= 20).astype(np.int32)[None].repeat(8, 0),
+           'positions': np.tile(np.arange(32, dtype=np.int32), (8, 1)),
+           'segment_ids': np.ones((8, 32), np.int32)}
+  results = []
+  for sizes, n in (({'data': 2, 'fsdp': 2, 'tensor': 2}, 8), ({}, 1)):
+    mesh = shd.make_mesh(sizes, jax.devices()[:n])
+    model = init_model(cfg)
+    # SGD: parameters match exactly when gradients do (see test_model_attention.py)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = shd.state_shardings(state, mesh)
+    bs = NamedSharding(mesh, shd.batch_spec(False))
+    step = jax.jit(trainer.make_train_step(graphdef, 2, optax.constant_schedule(0.1)),
+                   in_shardings=(shardings, bs), out_shardings=(shardings, None))
+    with jax.set_mesh(mesh):
+      new, metrics = step(jax.device_put(state, shardings),
+                          {k: jax.device_put(v, bs) for k, v in batch.items()})
+    if n == 8:
+      q = nnx.merge(graphdef, new)[0].layers[0].attn.q_proj[...]
+      assert len(q.sharding.device_set) == 8 and q.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor', None)
+    results.append((new, metrics))
+  (a, ma), (b, mb) = results
+  np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-6)
+  for (p, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))):
+    np.testing.assert_allclose(np.asarray(x[...]), np.asarray(y[...]), atol=1e-6, err_msg=str(p))
+
+
+def test_loss_ignores_prompt_targets():
+  model = init_model(get_config('tiny'))
+  rs = np.random.RandomState(1)
+  tokens = rs.randint(0, 512, (2, 17)).astype(np.int32)
+  mask = np.zeros((2, 16), np.int32)
+  mask[:, 12:] = 1
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': mask,
+           'positions': np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+           'segment_ids': np.ones((2, 16), np.int32)}
+  base, _ = trainer.loss_sums(model, batch)
+  changed = dict(batch, targets=np.where(mask == 1, batch['targets'], rs.randint(0, 512, (2, 16))))
+  np.testing.assert_array_equal(trainer.loss_sums(model, changed)[0], base)
+  changed_answer = dict(batch, targets=np.where(mask == 1, (batch['targets'] + 1) % 512, batch['targets']))
+  assert float(trainer.loss_sums(model, changed_answer)[0]) != float(base)
+
+
+@pytest.mark.parametrize('section, field, value, match', [
+    ('mesh', 'fsdp', 3, r'mesh .* has 3 devices but 1 are available'),
+    ('train', 'batch_size', 6, r'train.batch_size=6 is not divisible by data\*fsdp=4'),
+    ('mesh', 'tensor', 4, r'mesh.tensor=4 does not divide the model'),
+    ('mesh', 'context', 4, r'mesh.context=4 needs model.attention_impl=ring'),
+    ('data', 'seq_len', 100, r'data.seq_len=100 is not divisible by 2\*4'),
+    ('train', 'schedule', 'step', r"train.schedule='step'"),
+])
+def test_config_errors(section, field, value, match):
+  c = small_config()
+  if match.startswith('train.batch_size'):
+    c.mesh.fsdp, c.mesh.devices = 4, 4
+  if match.startswith('data.seq_len'):
+    c.mesh.context, c.mesh.devices, c.model.attention_impl = 4, 4, 'ring'
+  c[section][field] = value
+  if match.startswith(('mesh.tensor', 'mesh.context')):
+    c.mesh.devices = 4
+  n = c.mesh.devices
+  with pytest.raises(trainer.ConfigError, match=match):
+    trainer.validate(c, trainer.model_config(c), n)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  out = run_cli(tmp_path / 'w', '--config.train.stepz=3')
+  assert out.returncode != 0 and 'stepz' in out.stderr
+
+
+def test_kill_and_sigterm_then_resume_is_bit_identical(tmp_path):
+  ref = run_cli(tmp_path / 'ref')
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  ref_step, ref_params = final_params(tmp_path / 'ref')
+  assert ref_step == 6
+
+  killed = run_cli(tmp_path / 'kill', '--config.debug.kill_at_step=3')
+  assert killed.returncode == -9                  # SIGKILL after step 3; last checkpoint: 2
+  assert final_params(tmp_path / 'kill')[0] == 2
+  resumed = run_cli(tmp_path / 'kill')
+  assert resumed.returncode == 0 and 'resumed from step 2' in resumed.stdout + resumed.stderr
+  assert_same_params(final_params(tmp_path / 'kill')[1], ref_params)
+
+  term = run_cli(tmp_path / 'term', '--config.debug.sigterm_at_step=3')
+  assert term.returncode == 0 and 'SIGTERM: saved the checkpoint at step 3' in term.stdout
+  assert final_params(tmp_path / 'term')[0] == 3
+  resumed = run_cli(tmp_path / 'term')
+  assert resumed.returncode == 0 and 'resumed from step 3' in resumed.stdout
+  assert_same_params(final_params(tmp_path / 'term')[1], ref_params)
+
+
+def test_restore_onto_a_different_mesh_and_skip_a_corrupt_checkpoint(tmp_path):
+  c = small_config()
+  c.mesh.fsdp, c.mesh.devices, c.train.steps = 8, 8, 4
+  first = trainer.train(c, str(tmp_path), log=lambda s: None)
+  saved = {str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(first['state'])}
+  # Restore the step-4 checkpoint on 4 devices (fsdp=2, tensor=2) and run 0 more steps.
+  c2 = small_config()
+  c2.mesh.fsdp, c2.mesh.tensor, c2.mesh.devices, c2.train.steps = 2, 2, 4, 4
+  logs = []
+  second = trainer.train(c2, str(tmp_path), log=logs.append)
+  assert second['start_step'] == 4
+  for p, v in nnx.to_flat_state(second['state']):
+    np.testing.assert_array_equal(np.asarray(v[...]), saved[str(p)], err_msg=str(p))
+  q = nnx.merge(second['graphdef'], second['state'])[0].layers[0].attn.q_proj[...]
+  assert len(q.sharding.device_set) == 4
+  # Corrupt the newest checkpoint: the previous one is used and the problem reported.
+  for f in glob.glob(f'{tmp_path}/checkpoints/4/state/**/*', recursive=True):
+    if os.path.isfile(f) and os.path.getsize(f) > 1000:
+      open(f, 'wb').write(b'garbage')
+  logs = []
+  third = trainer.train(c2, str(tmp_path), log=logs.append)
+  assert third['start_step'] == 2
+  assert any('checkpoint at step 4 is unreadable' in line for line in logs)
+
+
+def test_short_run_lowers_the_loss(tmp_path):
+  c = small_config(train__steps=12, train__lr=3e-3)
+  trainer.train(c, str(tmp_path), log=lambda s: None)
+  losses = [json.loads(l)['loss'] for l in open(tmp_path / 'metrics.jsonl')]
+  assert len(losses) == 12 and np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3])
+  assert os.path.exists(tmp_path / 'tensorboard')
