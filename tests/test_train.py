@@ -176,3 +176,20 @@ def test_short_run_lowers_the_loss(tmp_path):
   losses = [json.loads(l)['loss'] for l in open(tmp_path / 'metrics.jsonl')]
   assert len(losses) == 12 and np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3])
   assert os.path.exists(tmp_path / 'tensorboard')
+
+
+def test_aot_only_reports_memory_per_device():
+  c = small_config()
+  c.mesh.fsdp, c.mesh.devices = 8, 8
+  report = trainer.train(c, '/tmp/unused-aot', aot_only=True, log=lambda s: None)
+  assert report['devices'] == 8 and report['mesh']['fsdp'] == 8
+  assert report['argument_bytes'] > 0 and report['total_bytes_per_device'] > report['temp_bytes']
+
+
+@pytest.mark.parametrize('name', ['mistral7b_simple_kv', 'mistral7b_multisubkey_kv', 'tiny_kv'])
+def test_shipped_configs_validate(name):
+  import importlib
+  c = importlib.import_module(f'configs.{name}').get_config()
+  cfg = trainer.model_config(c)
+  trainer.validate(c, cfg, 8)
+  trainer.make_optimizer(c.train, trainer.make_schedule(c.train))

@@ -1,0 +1,33 @@
+"""FLOP accounting and the peak table."""
+import pytest
+
+from jaxlm import flops
+from jaxlm.model import get_config
+
+
+def test_visible_keys():
+  assert flops.mean_visible_keys(4, None) == 2.5                 # (1+2+3+4)/4
+  assert flops.mean_visible_keys(6, 2) == (1 + 2 * 5) / 6         # window of 2
+  assert flops.mean_visible_keys(6, 10) == flops.mean_visible_keys(6, None)
+  assert flops.mean_visible_keys(6, None, causal=False) == 6
+
+
+def test_7b_train_flops_per_token():
+  cfg = get_config('mistral-7b-v0.1')
+  # matmul parameters: 7.24B minus the 131M-parameter embedding and the norm scales
+  assert flops.matmul_params(cfg) == 7_241_732_096 - 32000 * 4096 - 4096 * 65
+  per_token = flops.train_flops_per_token(cfg, 4096)
+  attention = 3 * 4 * 32 * 32 * 128 * (4096 + 1) / 2
+  assert per_token == pytest.approx(6 * flops.matmul_params(cfg) + attention)
+  # the 4096 sliding window only matters past 4096 tokens
+  assert flops.train_flops_per_token(cfg, 32768) < flops.train_flops_per_token(
+      cfg.replace(sliding_window=None), 32768)
+
+
+def test_unknown_chip_fails_loudly():
+  assert flops.peak_flops('TPU v5 lite') == 197e12
+  with pytest.raises(KeyError, match="no peak FLOP/s known for device kind 'TPU v99'"):
+    flops.peak_flops('TPU v99')
+  assert flops.device_peak() is None              # CPU: no MFU
+  assert flops.device_peak(1e12) == 1e12
+  assert flops.mfu(1000, get_config('tiny'), 128, 1, None) is None
