@@ -225,7 +225,11 @@ def _restore(mngr, state, shardings, data_iter, log):
   return None
 
 
-def train(c, workdir: str, *, aot_only: bool = False, log=print) -> dict[str, Any]:
+def _print(line: str) -> None:
+  print(line, flush=True)   # progress must show promptly when piped to a file
+
+
+def train(c, workdir: str, *, aot_only: bool = False, log=_print) -> dict[str, Any]:
   if c.distributed:
     jax.distributed.initialize()
   cfg = model_config(c)

@@ -54,3 +54,20 @@ def test_not_a_tokenizer(tmp_path):
     Tokenizer(str(bad))
   with pytest.raises(FileNotFoundError, match='does not exist'):
     Tokenizer(str(tmp_path / 'missing.model'))
+
+
+def test_tiny_demo_tokenizer_rebuilds_identically_and_keeps_numbers_whole(tmp_path):
+  from jaxlm.data import make_task
+  from jaxlm.data.tiny_tokenizer import build
+  from jaxlm.tokenizer import REPO_ROOT
+  shipped = f'{REPO_ROOT}/data/tokenizers/kv-tiny.model'
+  build(str(tmp_path / 'kv.model'))
+  assert open(tmp_path / 'kv.model', 'rb').read() == open(shipped, 'rb').read()
+  tok = Tokenizer(shipped)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (480, 1, 2)
+  for n in (0, 7, 42, 99):
+    assert [tok.id_to_piece(i) for i in tok.encode(f'key {n}:', bos=False)][2] == str(n)
+  ex = make_task('simple_kv', tok, num_dicts=4, keys_per_dict=(2, 3), key_digits=(1, 2),
+                 value_digits=(1, 2), answer_template=True).example(5, 0)
+  assert tok.decode(tok.encode(ex.prompt)) == ex.prompt
+  assert ex.num_tokens < 200

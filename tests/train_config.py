@@ -7,7 +7,7 @@ def get_config(**overrides):
   c = tiny_kv.get_config()
   c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 32, 1, 64
   c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 4, 2, 8
-  c.data.seq_len = 192
+  c.data.seq_len = 256
   c.train.batch_size, c.train.steps, c.train.log_every = 8, 6, 1
   c.train.checkpoint_every, c.train.warmup_steps = 2, 2
   c.eval.per_position = 0
