@@ -3,8 +3,8 @@
   python -m jaxlm.train --config=configs/tiny_kv.py --workdir=runs/local
   bash launch/local.sh              # the same, plus set-up
 
-The paper's task in miniature: 4 dictionaries of 2-3 pairs, 1-2 digit keys and values,
-the answer template. Numbers are single tokens of a 480-piece tokenizer
+The paper's task in miniature: 1 to 4 dictionaries (drawn per example; evaluation uses 4)
+of 2-3 pairs, 1-2 digit keys and values, the answer template. Numbers are single tokens of a 480-piece tokenizer
 (data/tokenizers/kv-tiny.model, built by jaxlm/data/tiny_tokenizer.py), so a 2-layer
 model can learn retrieval as one induction step; several examples are packed per
 512-token row, so each step supervises many answers.
@@ -25,7 +25,7 @@ def get_config():
   c.model.intermediate_size = 512
   c.model.sliding_window = None
   c.model.attention_impl = 'dense'
-  c.data.task_fields.num_dicts = 4
+  c.data.task_fields.num_dicts = (1, 4)   # drawn per example: easy ones bootstrap retrieval
   c.data.task_fields.keys_per_dict = (2, 3)
   c.data.task_fields.gold_dict_size = 2
   c.data.task_fields.key_digits = (1, 2)
@@ -48,6 +48,7 @@ def get_config():
   c.eval.every = 300
   c.eval.per_position = 25
   c.eval.positions = [1, 2, 3, 4]
+  c.eval.task_fields.num_dicts = 4        # evaluate on the hardest size
   c.eval.max_new_tokens = 24
   c.eval.batch_size = 50
   c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, 1, 1

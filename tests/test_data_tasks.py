@@ -189,3 +189,13 @@ def test_gold_positions(tok):
 def test_impossible_settings_fail_at_config_time(tok, task, fields, match):
   with pytest.raises(TaskConfigError, match=match):
     make_task(task, tok, **fields)
+
+
+def test_num_dicts_range_mixes_sizes(tok):
+  task = make_task('simple_kv', tok, num_dicts=(1, 4), gold_position=1.0)
+  sizes = [task.example(0, i).num_dicts for i in range(200)]
+  assert set(sizes) == {1, 2, 3, 4}
+  ex = task.example(0, 3)
+  assert ex.gold_dict == ex.num_dicts and len(parse_simple(ex.prompt)) == ex.num_dicts
+  with pytest.raises(TaskConfigError, match=r'gold_position=3 may be outside the dictionaries'):
+    make_task('simple_kv', tok, num_dicts=(2, 4), gold_position=3)

@@ -17,18 +17,13 @@ import os
 import time
 
 from jaxlm.data.pipeline import to_features
+from jaxlm.flops import train_flops_per_token
 from jaxlm.data.tasks import make_task
 from jaxlm.model import get_config
 from jaxlm.tokenizer import Tokenizer
 
 V5P_PEAK_FLOPS = 459e12      # bf16 per chip
 V5P_CHIPS_PER_HOST = 4
-
-
-def train_flops_per_token(cfg, seq_len: int) -> float:
-  """6N for the weights plus causal attention (QK^T and AV, forward and backward)."""
-  attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len  # 12*L*H*Dh*T / 2
-  return 6 * cfg.num_params() + attention
 
 
 def measure(fn, seconds: float) -> tuple[int, float]:
@@ -80,7 +75,7 @@ def run(args):
       print(f'| {name} | {budget} | {gen_tokens / gen_s:,.0f} | {feat_tokens / feat_s:,.0f} | '
             f'{n / gen_s:,.1f} | {eat:,.0f} | {feat_tokens / feat_s / eat:,.0f}x |')
   print(f'consumption: 4 x {V5P_PEAK_FLOPS / 1e12:.0f} TFLOP/s x MFU {args.mfu} / '
-        f'(6 x {cfg.num_params() / 1e9:.2f}B params + causal attention FLOPs per token)')
+        f'jaxlm.flops.train_flops_per_token (6 x matmul params + causal attention)')
 
 
 if __name__ == '__main__':

@@ -33,7 +33,7 @@ PREFIX = 'Do a task using the list of dictionaries below.\n\n'
 
 @dataclasses.dataclass(frozen=True)
 class SimpleKVConfig:
-  num_dicts: int | None = 85
+  num_dicts: Any = 85                 # an int, a (min, max) range drawn per example, or None
   num_tokens: int | None = None       # prompt token budget (no bos, no chat format)
   keys_per_dict: tuple[int, int] = (3, 4)
   gold_dict_size: int = 3
@@ -50,7 +50,7 @@ class SimpleKVConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MultiSubkeyKVConfig:
-  num_dicts: int | None = 49
+  num_dicts: Any = 49
   num_tokens: int | None = None
   keys_per_dict: tuple[int, int] = (3, 4)
   gold_dict_size: int = 3
@@ -73,6 +73,16 @@ class _DictTask:
 
   def __init__(self, config, tokenizer=None):
     c = config
+    self.dict_range = None
+    if isinstance(c.num_dicts, (tuple, list)):
+      # A (min, max) range: each example draws its count (easy and hard examples mixed).
+      self.dict_range = common.check_range('num_dicts', c.num_dicts)
+      c = dataclasses.replace(c, num_dicts=self.dict_range[1])  # checks use the largest
+      positions = c.gold_position if isinstance(c.gold_position, (tuple, list)) else [c.gold_position]
+      if any(isinstance(p, int) and p > self.dict_range[0] for p in positions):
+        raise TaskConfigError(f'gold_position={c.gold_position!r} may be outside the '
+                              f'dictionaries when num_dicts={tuple(self.dict_range)}; use '
+                              f'indices <= {self.dict_range[0]} or depths in [0, 1]')
     self.config, self.tokenizer = c, tokenizer
     if c.num_dicts is None and c.num_tokens is None:
       raise TaskConfigError(f'{self.name}: set num_dicts, num_tokens or both (both are None)')
@@ -164,6 +174,8 @@ class _DictTask:
 
   def _build(self, rng, seed, index, num_dicts) -> Example:
     c = self.config
+    if self.dict_range is not None:
+      num_dicts = int(rng.integers(self.dict_range[0], self.dict_range[1] + 1))
     gold = self._draw_gold(rng)
     question = self._question(gold)
     gold_keys, gold_values = self._gold_dict(rng, gold)
