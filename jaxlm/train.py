@@ -246,12 +246,11 @@ def train(c, workdir: str, *, aot_only: bool = False, log=_print) -> dict[str, A
 
   schedule = make_schedule(c.train)
   tx = make_optimizer(c.train, schedule)
-  with jax.set_mesh(mesh):
-    if c.init_from:
-      _, model = convert.load_hf(c.init_from, mesh=mesh, **dataclass_fields(cfg))
-    else:
-      model = init_model(cfg, seed=c.seed)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  if c.init_from:   # streamed straight into the parameter shardings
+    _, model = convert.load_hf(c.init_from, mesh=mesh, **dataclass_fields(cfg))
+  else:
+    model = init_model(cfg, seed=c.seed)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   shardings = shd.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)

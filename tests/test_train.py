@@ -193,3 +193,16 @@ def test_shipped_configs_validate(name):
   cfg = trainer.model_config(c)
   trainer.validate(c, cfg, 8)
   trainer.make_optimizer(c.train, trainer.make_schedule(c.train))
+
+
+def test_init_from_a_hugging_face_checkpoint(tmp_path):
+  from jaxlm import convert
+  c = small_config(train__steps=1, train__lr=0.0, train__schedule='constant',
+                   train__warmup_steps=0)
+  cfg = trainer.model_config(c)
+  source = init_model(cfg, seed=7)
+  convert.save_hf(cfg, source, str(tmp_path / 'hf_in'))
+  c.init_from = str(tmp_path / 'hf_in')
+  result = trainer.train(c, str(tmp_path / 'run'), log=lambda s: None)
+  model = nnx.merge(result['graphdef'], result['state'])[0]
+  np.testing.assert_array_equal(model.lm_head[...], source.lm_head[...])   # lr 0: unchanged
