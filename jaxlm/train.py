@@ -332,6 +332,7 @@ def train(c, workdir: str, *, aot_only: bool = False, log=_print) -> dict[str, A
           result['loss'] = m['loss']
         if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
           _evaluate(c, nnx.merge(graphdef, state)[0], tokenizer, workdir, step, writer, log)
+          t_last, result['last_logged'] = time.perf_counter(), step   # keep eval out of step time
         if c.debug.kill_at_step and step == c.debug.kill_at_step:
           mngr.wait_until_finished()
           os.kill(os.getpid(), signal.SIGKILL)

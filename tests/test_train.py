@@ -206,3 +206,16 @@ def test_init_from_a_hugging_face_checkpoint(tmp_path):
   result = trainer.train(c, str(tmp_path / 'run'), log=lambda s: None)
   model = nnx.merge(result['graphdef'], result['state'])[0]
   np.testing.assert_array_equal(model.lm_head[...], source.lm_head[...])   # lr 0: unchanged
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  c = small_config(train__steps=2)
+  trainer.train(c, str(tmp_path), log=lambda s: None)
+  real = trainer.loss_sums
+  monkeypatch.setattr(trainer, 'loss_sums',
+                      lambda model, batch: (lambda l, aux: (l * jnp.nan, aux))(*real(model, batch)))
+  c.train.steps = 4
+  with pytest.raises(FloatingPointError, match=r'non-finite loss nan at step 3; stopping. '
+                                               r'The last good checkpoint \(step 2\) is kept'):
+    trainer.train(c, str(tmp_path), log=lambda s: None)
+  assert final_params(tmp_path)[0] == 2
