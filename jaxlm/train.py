@@ -210,14 +210,20 @@ def _restore(mngr, state, shardings, data_iter, log):
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=grain.checkpoint.CheckpointRestore(data_iter)))
+          state=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back)
       log(f'[train] checkpoint at step {step} is unreadable ({type(e).__name__}: '
           f'{str(e)[:200]}); trying the previous one')
       unreadable.append(step)
       continue
     nnx.replace_by_pure_dict(state, restored['state'])
+    try:
+      mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # noqa: BLE001
+      # Saved by a different number of processes: per-process data slices do not map.
+      log(f'[train] WARNING: the data-iterator state at step {step} does not fit this run '
+          f'({jax.process_count()} process(es)): {str(e)[:200]}; the data stream restarts '
+          f'from its beginning (examples may repeat)')
     for bad in unreadable:   # training will write these steps again
       log(f'[train] deleting the unreadable checkpoint at step {bad}')
       mngr.delete(bad)
@@ -229,14 +235,34 @@ def _print(line: str) -> None:
   print(line, flush=True)   # progress must show promptly when piped to a file
 
 
+def initialize_distributed() -> None:
+  """Join a multi-process JAX runtime. On TPU pods and SLURM clusters JAX finds its
+  peers itself; elsewhere (several processes on one machine, custom launchers) set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. CPU processes talk
+  through gloo collectives."""
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  kwargs = {}
+  if 'JAX_COORDINATOR_ADDRESS' in env:
+    kwargs = dict(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                  num_processes=int(env['JAX_NUM_PROCESSES']),
+                  process_id=int(env['JAX_PROCESS_ID']))
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**kwargs)
+
+
 def train(c, workdir: str, *, aot_only: bool = False, log=_print) -> dict[str, Any]:
   if c.distributed:
-    jax.distributed.initialize()
+    initialize_distributed()
   cfg = model_config(c)
   shape = validate(c, cfg, jax.device_count())
   devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
   mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
   is_main = jax.process_index() == 0
+  if not is_main:
+    log = lambda line: None   # one console, written by process 0
   tokenizer = Tokenizer(c.tokenizer)
   tokenizer.check_model(cfg)
   os.makedirs(workdir, exist_ok=True)
