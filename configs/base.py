@@ -20,10 +20,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'tiny'
+  # Numerics and kernels (the same for every preset); architecture fields that differ from
+  # the preset are added by the config files that change them (see tiny_kv.py).
   c.model.param_dtype = 'float32'   # master weights
   c.model.dtype = 'float32'         # compute
-  c.model.attention_impl = 'auto'
-  c.model.remat = 'none'
+  c.model.attention_impl = 'auto'   # dense | blockwise | ring | cudnn | splash | auto
+  c.model.attention_block_q = 512
+  c.model.attention_block_kv = 512
+  c.model.ring_layout = 'natural'
+  c.model.remat = 'none'            # none | full | dots
 
   c.data = ml_collections.ConfigDict()
   c.data.task = 'simple_kv'
