@@ -4,7 +4,7 @@
   bash launch/local.sh              # the same, plus set-up
 
 The paper's task in miniature: 1 to 4 dictionaries (drawn per example; evaluation uses 4)
-of 2-3 pairs, 1-2 digit keys and values, the answer template. Numbers are single tokens of a 480-piece tokenizer
+of 2-3 pairs, 1-2 digit keys and values, the answer template. Numbers are single tokens of a 382-piece tokenizer
 (data/tokenizers/kv-tiny.model, built by jaxlm/data/tiny_tokenizer.py), so a 2-layer
 model can learn retrieval as one induction step; several examples are packed per
 512-token row, so each step supervises many answers.
@@ -26,6 +26,8 @@ def get_config():
   c.model.sliding_window = None
   c.model.attention_impl = 'dense'
   c.data.task_fields.num_dicts = (1, 4)   # drawn per example: easy ones bootstrap retrieval
+  c.data.task_fields.curriculum_examples = 0
+  c.data.task_fields.extra_queries = 0
   c.data.task_fields.keys_per_dict = (2, 3)
   c.data.task_fields.gold_dict_size = 2
   c.data.task_fields.key_digits = (1, 2)

@@ -231,6 +231,37 @@ def _restore(mngr, state, shardings, data_iter, log):
   return None
 
 
+def restore_model(c, workdir: str, mesh, step: int | None = None):
+  """(model config, model, step) from a training run's checkpoint: the parameters only,
+  placed straight into their shardings on `mesh` (the optimizer state stays on disk).
+  `workdir` is the run directory or its checkpoints/ folder; step None: the newest."""
+  import orbax.checkpoint as ocp
+  cfg = model_config(c)
+  root = workdir if os.path.basename(os.path.normpath(workdir)) == 'checkpoints' else \
+      os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'no checkpoints/ directory in {workdir!r}')
+  mngr = ocp.CheckpointManager(os.path.abspath(root))
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {root!r}')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f'no checkpoint at step {step} in {root!r}; have {sorted(steps)}')
+  abstract_model = nnx.eval_shape(lambda: init_model(cfg))
+  graphdef, abstract = nnx.split(abstract_model)
+  shardings = shd.state_shardings(abstract, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+  # The saved tree is nnx.split((model, optimizer)): the model's subtree is key 0.
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={0: target}, partial_restore=True)))
+  nnx.replace_by_pure_dict(abstract, restored['state'][0])
+  model = nnx.merge(graphdef, abstract)
+  mngr.close()
+  return cfg, model, step
+
+
 def _print(line: str) -> None:
   print(line, flush=True)   # progress must show promptly when piped to a file
 
@@ -397,10 +428,12 @@ def dataclass_fields(cfg: MistralConfig) -> dict[str, Any]:
 
 
 def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False):
-  from jaxlm.eval import retrieval
+  from jaxlm.evaluate import retrieval
   e = c.eval
+  fields = {**c.data.task_fields.to_dict(), **e.task_fields.to_dict()}
+  fields.pop('curriculum_examples', None)   # a training-stream schedule, not an eval setting
   result = retrieval.evaluate_retrieval(
-      model, tokenizer, c.data.task, {**c.data.task_fields.to_dict(), **e.task_fields.to_dict()},
+      model, tokenizer, c.data.task, fields,
       positions=list(e.positions), per_position=e.per_position, seed=e.seed,
       chat_format=c.data.chat_format, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
   result['step'] = step

@@ -199,3 +199,45 @@ def test_num_dicts_range_mixes_sizes(tok):
   assert ex.gold_dict == ex.num_dicts and len(parse_simple(ex.prompt)) == ex.num_dicts
   with pytest.raises(TaskConfigError, match=r'gold_position=3 may be outside the dictionaries'):
     make_task('simple_kv', tok, num_dicts=(2, 4), gold_position=3)
+
+
+def test_curriculum_ramps_the_number_of_dictionaries(tok):
+  task = make_task('simple_kv', tok, num_dicts=(1, 4), curriculum_examples=400)
+  assert [task.max_dicts(i) for i in (0, 99, 100, 250, 399, 400, 10**6)] == [1, 1, 2, 3, 4, 4, 4]
+  sizes = [task.example(0, i).num_dicts for i in range(800)]
+  assert all(s <= task.max_dicts(i) for i, s in enumerate(sizes))
+  assert set(sizes[:100]) == {1} and set(sizes[400:]) == {1, 2, 3, 4}
+  # A pure function of the index: the same example whatever was generated before.
+  assert task.example(0, 321) == make_task('simple_kv', tok, num_dicts=(1, 4),
+                                           curriculum_examples=400).example(0, 321)
+  with pytest.raises(TaskConfigError, match='curriculum_examples=5 needs a num_dicts range'):
+    make_task('simple_kv', tok, num_dicts=4, curriculum_examples=5)
+
+
+def test_extra_queries_ask_unique_keys_and_keep_the_first_turn(tok):
+  from jaxlm.data.pipeline import to_features
+  plain = make_task('simple_kv', tok, num_dicts=6, keys_per_dict=(2, 3), key_digits=(1, 2))
+  multi = make_task('simple_kv', tok, num_dicts=6, keys_per_dict=(2, 3), key_digits=(1, 2),
+                    extra_queries=5)
+  for i in range(20):
+    a, b = plain.example(0, i), multi.example(0, i)
+    assert (a.prompt, a.answer) == (b.prompt, b.answer) and not a.turns
+    assert 1 <= len(b.turns) <= 5 and 'turns' not in a.to_dict()
+    where = {}
+    for d, pairs in parse_simple(b.prompt):
+      for k, v in pairs:
+        where.setdefault(k, []).append((v, d))
+    asked = set()
+    for q, ans in b.turns:
+      key = int(re.search(r'value of key (\d+) and', q).group(1))
+      assert len(where[key]) == 1 and key != b.gold_key and key not in asked
+      asked.add(key)
+      v, d = where[key][0]
+      assert ans == f'The value of key {key} is {v} and it is in Dictionary [{d}].'
+    f = to_features(b, tok, 'mistral')
+    supervised = tok.decode(f['targets'][f['loss_mask'] == 1])
+    for text in [b.answer] + [ans for _, ans in b.turns]:
+      assert text in supervised
+    assert sum(f['targets'] == tok.eos_id) == len(b.turns) + 1
+  with pytest.raises(TaskConfigError, match='extra_queries=2 needs num_dicts'):
+    make_task('simple_kv', tok, num_dicts=None, num_tokens=500, extra_queries=2)

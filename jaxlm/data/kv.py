@@ -12,6 +12,10 @@ across dictionaries (never within one) unless `unique_keys='all'`.
 keys share some, never all, of the gold key's subkeys; the question lists the gold
 subkeys in shuffled order.
 
+Curriculum: with a `num_dicts` range and `curriculum_examples=N`, example i draws its
+count from (min, m_i), m_i rising linearly from min to max over the first N examples
+(a pure function of the index, so resuming replays it exactly).
+
 Lengths: `num_dicts` fixes the number of dictionaries; `num_tokens` alone fills the
 prompt with as many dictionaries as fit the token budget; both together keep
 `num_dicts` and redraw the example until the prompt fits (the paper's set-up: 85
@@ -35,12 +39,15 @@ PREFIX = 'Do a task using the list of dictionaries below.\n\n'
 class SimpleKVConfig:
   num_dicts: Any = 85                 # an int, a (min, max) range drawn per example, or None
   num_tokens: int | None = None       # prompt token budget (no bos, no chat format)
+  curriculum_examples: int = 0        # with a num_dicts range: ramp its max over these examples
   keys_per_dict: tuple[int, int] = (3, 4)
   gold_dict_size: int = 3
   key_digits: tuple[int, int] = (3, 4)
   value_digits: tuple[int, int] = (3, 4)
   unique_keys: str = 'gold'           # 'gold': only the gold key is unique; 'all': every key
   answer_template: bool = False
+  extra_queries: int = 0              # training density: after the answer, ask up to this many
+                                      # more keys (each unique in the prompt) as extra turns
   gold_position: Any = 'uniform'      # 'uniform' | 1-based index | depth float | list
   first_position_prob: float = 0.05   # paper quirk ('uniform' only): 5% at Dictionary [1]
   early_position_prob: float = 0.03   # ... and 3% uniform over the first early_position_max
@@ -52,6 +59,7 @@ class SimpleKVConfig:
 class MultiSubkeyKVConfig:
   num_dicts: Any = 49
   num_tokens: int | None = None
+  curriculum_examples: int = 0
   keys_per_dict: tuple[int, int] = (3, 4)
   gold_dict_size: int = 3
   subkeys_per_key: int = 3
@@ -84,6 +92,16 @@ class _DictTask:
                               f'dictionaries when num_dicts={tuple(self.dict_range)}; use '
                               f'indices <= {self.dict_range[0]} or depths in [0, 1]')
     self.config, self.tokenizer = c, tokenizer
+    if not isinstance(c.curriculum_examples, int) or c.curriculum_examples < 0:
+      raise TaskConfigError(f'curriculum_examples={c.curriculum_examples!r} must be an int >= 0')
+    extra = getattr(c, 'extra_queries', 0)
+    if not isinstance(extra, int) or extra < 0:
+      raise TaskConfigError(f'extra_queries={extra!r} must be an int >= 0')
+    if extra and c.num_dicts is None:
+      raise TaskConfigError(f'extra_queries={extra} needs num_dicts (not only num_tokens)')
+    if c.curriculum_examples and self.dict_range is None:
+      raise TaskConfigError(f'curriculum_examples={c.curriculum_examples} needs a num_dicts '
+                            f'range (min, max), got num_dicts={c.num_dicts!r}')
     if c.num_dicts is None and c.num_tokens is None:
       raise TaskConfigError(f'{self.name}: set num_dicts, num_tokens or both (both are None)')
     if c.num_dicts is not None and (not isinstance(c.num_dicts, int) or c.num_dicts < 1):
@@ -103,6 +121,15 @@ class _DictTask:
     self.gold_position = common.check_gold_position(c.gold_position, c.num_dicts)
     if c.num_tokens is not None:
       self._check_budget()
+
+  def max_dicts(self, index: int) -> int:
+    """The largest num_dicts example `index` may draw: the curriculum ramps it linearly
+    from the range's min to its max over the first curriculum_examples examples."""
+    lo, hi = self.dict_range
+    n = self.config.curriculum_examples
+    if not n or index >= n:
+      return hi
+    return lo + int((hi - lo + 1) * index / n)
 
   # --- per-task hooks -------------------------------------------------------------------
   def _validate(self): ...
@@ -175,7 +202,7 @@ class _DictTask:
   def _build(self, rng, seed, index, num_dicts) -> Example:
     c = self.config
     if self.dict_range is not None:
-      num_dicts = int(rng.integers(self.dict_range[0], self.dict_range[1] + 1))
+      num_dicts = int(rng.integers(self.dict_range[0], self.max_dicts(index) + 1))
     gold = self._draw_gold(rng)
     question = self._question(gold)
     gold_keys, gold_values = self._gold_dict(rng, gold)
@@ -200,10 +227,28 @@ class _DictTask:
         break
       n -= 1            # the per-line estimate was short: drop a distractor and recount
       g = min(g, n)
+    turns = ()
+    if getattr(c, 'extra_queries', 0):
+      dicts = distractors[:g - 1] + [(gold_keys, gold_values)] + distractors[g - 1:]
+      turns = self._extra_turns(rng, gold, dicts, c.extra_queries)
     return Example(task=self.name, prompt=prompt, answer=self._answer(gold, g),
                    gold_key=self._key_json(gold), gold_value=int(gold[1]), gold_dict=g,
                    num_dicts=n, position=common.relative_position(g, n),
-                   num_tokens=num_tokens, seed=seed, index=index)
+                   num_tokens=num_tokens, seed=seed, index=index, turns=turns)
+
+  def _extra_turns(self, rng, gold, dicts, k: int) -> tuple:
+    """(question, answer) turns about up to k other keys that occur once in the prompt."""
+    pairs = [(int(key), int(value), d + 1) for d, (keys, values) in enumerate(dicts)
+             for key, value in zip(keys, values)]
+    counts: dict[int, int] = {}
+    for key, _, _ in pairs:
+      counts[key] = counts.get(key, 0) + 1
+    candidates = [p for p in pairs if counts[p[0]] == 1 and p[0] != int(gold[0])]
+    if not candidates:
+      return ()
+    chosen = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False)
+    return tuple((self._question(candidates[i][:2]), self._answer(candidates[i][:2], candidates[i][2]))
+                 for i in chosen)
 
   def _fill(self, rng, gold, gold_line, question, used):
     """Distractor bodies and the number of dictionaries that fit num_tokens."""

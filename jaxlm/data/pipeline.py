@@ -73,9 +73,14 @@ def to_features(example: Example, tokenizer, chat_format: str) -> dict[str, np.n
   as Mistral's instruct tokenizer does for assistant turns)."""
   prompt = prompt_ids(example, tokenizer, chat_format)
   answer = tokenizer.encode(example.answer, bos=False, eos=True)
-  tokens = np.array(prompt + answer, np.int32)
-  mask = np.zeros(len(tokens) - 1, np.int32)
-  mask[len(prompt) - 1:] = 1
+  tokens, labelled = prompt + answer, [0] * len(prompt) + [1] * len(answer)
+  for question, reply in example.turns:   # later turns: [INST] q [/INST]a</s> (Mistral)
+    q = tokenizer.encode(format_prompt(question, chat_format), bos=False)
+    a = tokenizer.encode(reply, bos=False, eos=True)
+    tokens += q + a
+    labelled += [0] * len(q) + [1] * len(a)
+  tokens = np.array(tokens, np.int32)
+  mask = np.array(labelled[1:], np.int32)   # target t+1 is an answer token
   return {'inputs': tokens[:-1], 'targets': tokens[1:], 'loss_mask': mask}
 
 

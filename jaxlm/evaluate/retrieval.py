@@ -14,8 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxlm import generate
-from jaxlm.data.pipeline import prompt_ids
+from jaxlm.evaluate.runner import Runner
 from jaxlm.data.scoring import score_answer
 from jaxlm.data.tasks import make_task
 
@@ -23,30 +22,34 @@ from jaxlm.data.tasks import make_task
 def evaluate_retrieval(model, tokenizer, task: str, task_fields: dict[str, Any], *,
                        positions: Sequence, per_position: int, seed: int,
                        chat_format: str = 'mistral', max_new_tokens: int = 32,
-                       batch_size: int = 16, keep_examples: int = 3) -> dict[str, Any]:
-  rows, samples, all_scores = [], [], []
+                       batch_size: int = 16, keep_examples: int = 3,
+                       runner: Runner | None = None) -> dict[str, Any]:
+  """Accuracy overall and by position; `predictions` holds one record per example."""
+  runner = runner or Runner(model, tokenizer, chat_format=chat_format, batch_size=batch_size,
+                           verbose=False)
+  rows, samples, all_scores, predictions = [], [], [], []
   for position in positions:
     t = make_task(task, tokenizer, **{**dict(task_fields), 'gold_position': position})
     examples = [t.example(seed, i) for i in range(per_position)]
     scores = []
-    for start in range(0, len(examples), batch_size):
-      chunk = examples[start:start + batch_size]
-      prompts = [prompt_ids(ex, tokenizer, chat_format) for ex in chunk]
-      out = generate.greedy_generate(model, prompts, max_new_tokens=max_new_tokens,
-                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                     multiple=64)
-      for ex, ids in zip(chunk, out):
-        text = tokenizer.decode(ids)
-        scores.append(score_answer(text, ex))
-        if len(samples) < keep_examples:
-          samples.append({'position': position, 'answer': ex.answer, 'output': text})
+    outputs = runner.generate([ex.prompt for ex in examples], max_new_tokens=max_new_tokens,
+                              label=f'{task} position {position}')
+    for ex, text in zip(examples, outputs):
+      score = score_answer(text, ex)
+      scores.append(score)
+      predictions.append({'id': f'{seed}-{ex.index}', 'gold_position': position,
+                          'gold_dict': ex.gold_dict, 'num_dicts': ex.num_dicts,
+                          'prediction': text, 'answers': [ex.answer], 'score': float(score['all']),
+                          'value_correct': score['value'], 'dict_correct': score['dict']})
+      if len(samples) < keep_examples:
+        samples.append({'position': position, 'answer': ex.answer, 'output': text})
     all_scores += scores
     rows.append({'position': position, 'n': len(scores),
                  'accuracy': float(np.mean([s['all'] for s in scores])),
                  'value_accuracy': float(np.mean([s['value'] for s in scores]))})
   return {'task': task, 'seed': seed, 'accuracy': float(np.mean([s['all'] for s in all_scores])),
           'value_accuracy': float(np.mean([s['value'] for s in all_scores])),
-          'by_position': rows, 'samples': samples}
+          'by_position': rows, 'samples': samples, 'predictions': predictions}
 
 
 def format_table(result: dict[str, Any]) -> str:

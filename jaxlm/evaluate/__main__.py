@@ -1,0 +1,227 @@
+"""Evaluate a model on one or more suites; write results.json, predictions and plots.
+
+  python -m jaxlm.evaluate --hf=DIR --suite=mdqa --suite=general --out=evals/base
+  python -m jaxlm.evaluate --config=configs/tiny_kv.py --checkpoint=runs/local \\
+      --suite=kv --out=evals/tiny
+  python -m jaxlm.evaluate --checkpoint=runs/local --suite=kv --out=evals/tiny   # config from
+                                                                                # the run
+Suites: kv, mdqa, flenqa, general (mmlu, hellaswag, gsm8k, triviaqa, nq_open), litm_kv.
+`--data=FILE` replaces the default data file of the only suite given; `--data=NAME=FILE`
+names the suite or general benchmark (repeatable). The model is placed on the configured
+mesh (`--config.mesh.*`, or `--mesh=fsdp:-1` with --hf); generation is greedy with the KV
+cache, batched by prompt length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxlm.evaluate.common import DataError, Options
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'training config file', lock_config=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'training run directory (or its checkpoints/)')
+_STEP = flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
+_HF = flags.DEFINE_string('hf', None, 'Hugging Face checkpoint directory')
+_SUITE = flags.DEFINE_multi_enum('suite', None, ['kv', 'mdqa', 'flenqa', 'general', 'litm_kv'],
+                                 'suite(s) to run')
+_OUT = flags.DEFINE_string('out', None, 'output directory')
+_DATA = flags.DEFINE_multi_string('data', [], 'FILE, or NAME=FILE (suite or general benchmark)')
+_POSITIONS = flags.DEFINE_list('positions', None, 'gold positions (1-based), e.g. 1,5,10')
+_NUM_DOCS = flags.DEFINE_list('num_docs', ['10', '20', '30'], 'mdqa haystack sizes')
+_MDQA = flags.DEFINE_list('mdqa_variants', ['haystack', 'oracle', 'closedbook'], 'mdqa variants')
+_BENCH = flags.DEFINE_list('benchmarks', ['mmlu', 'hellaswag', 'gsm8k', 'triviaqa', 'nq_open'],
+                           'general benchmarks to run')
+_KV_LENGTHS = flags.DEFINE_list('kv_lengths', None, 'kv: numbers of dictionaries (default: the '
+                                "config's eval size, else 4,8,16)")
+_COT = flags.DEFINE_enum('cot', 'both', ['both', 'yes', 'no'], 'flenqa chain-of-thought prompts')
+_N = flags.DEFINE_integer('num_examples', None, 'examples per setting (default: all; kv: 50)')
+_SHOTS = flags.DEFINE_integer('shots', None, "few-shot examples (default: each benchmark's)")
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, "override each suite's generation length")
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'sequences per model call')
+_CHAT = flags.DEFINE_string('chat_format', None, "mistral | none (default: the config's, "
+                            "else mistral)")
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'sentencepiece model (overrides the default)')
+_DTYPE = flags.DEFINE_string('dtype', None, 'compute dtype with --hf (float32, bfloat16)')
+_MESH = flags.DEFINE_string('mesh', 'fsdp:-1', 'mesh with --hf, e.g. data:2,fsdp:-1')
+_ATTENTION = flags.DEFINE_string('attention', 'auto', 'attention_impl with --hf (auto: blockwise '
+                                 'for long prompts on CPU, cuDNN / splash where they apply)')
+_SEED = flags.DEFINE_integer('seed', 0, 'seed for built haystacks and held-out kv examples')
+_NAME = flags.DEFINE_string('name', None, 'run name in results and comparisons (default: --out)')
+
+
+def parse_data(items: list[str], suites: list[str]) -> dict[str, str]:
+  out = {}
+  for item in items:
+    name, sep, path = item.partition('=')
+    if not sep:
+      if len(suites) != 1:
+        raise app.UsageError(f'--data={item} without NAME= needs exactly one --suite '
+                             f'(got {suites}); write --data=SUITE=FILE')
+      name, path = suites[0], item
+    out[name] = path
+  return out
+
+
+def load_model(mesh_spec: str):
+  """(model, tokenizer, chat_format, source description, mesh)."""
+  from jaxlm import sharding as shd
+  from jaxlm.tokenizer import MISTRAL_V1, Tokenizer
+  if _HF.value and _CHECKPOINT.value:
+    raise app.UsageError('give --hf or --checkpoint, not both')
+  if _HF.value:
+    from jaxlm import convert
+    sizes = {k: 1 for k in shd.MESH_AXES}
+    for part in mesh_spec.split(','):
+      k, _, v = part.partition(':')
+      if k not in sizes:
+        raise app.UsageError(f'--mesh: unknown axis {k!r}; axes are {shd.MESH_AXES}')
+      sizes[k] = int(v)
+    mesh = shd.make_mesh(sizes)
+    kwargs = {'dtype': _DTYPE.value} if _DTYPE.value else {}
+    kwargs['attention_impl'] = _ATTENTION.value
+    cfg, model = convert.load_hf(_HF.value, mesh=mesh, **kwargs)
+    tok_path = _TOKENIZER.value or (os.path.join(_HF.value, 'tokenizer.model') if os.path.exists(
+        os.path.join(_HF.value, 'tokenizer.model')) else MISTRAL_V1)
+    chat = _CHAT.value or 'mistral'
+    source = {'hf': os.path.abspath(_HF.value)}
+  elif _CHECKPOINT.value:
+    from jaxlm import train
+    c = _CONFIG.value
+    if c is None:
+      path = os.path.join(_CHECKPOINT.value, 'config.json')
+      if not os.path.exists(path):
+        raise app.UsageError(f'--checkpoint={_CHECKPOINT.value} has no config.json; pass --config')
+      import ml_collections
+      with open(path) as f:
+        c = ml_collections.ConfigDict(json.load(f))
+    cfg = train.model_config(c)
+    shape = train.validate(c, cfg, jax.device_count())
+    devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
+    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
+    cfg, model, step = train.restore_model(c, _CHECKPOINT.value, mesh, _STEP.value)
+    tok_path = _TOKENIZER.value or c.tokenizer
+    chat = _CHAT.value or c.data.chat_format
+    source = {'checkpoint': os.path.abspath(_CHECKPOINT.value), 'step': step}
+  else:
+    raise app.UsageError('give --hf=DIR or --checkpoint=DIR')
+  tokenizer = Tokenizer(tok_path)
+  tokenizer.check_model(cfg)
+  source.update(tokenizer=os.path.abspath(tok_path), chat_format=chat,
+                params=cfg.num_params(), dtype=cfg.dtype)
+  return model, tokenizer, chat, source, mesh
+
+
+def run_suites(runner, suites: list[str], opts: Options, out: str, name: str,
+               source: dict, settings: dict) -> dict:
+  from jaxlm.evaluate import plots
+  from jaxlm.evaluate.suites import flenqa, general, kv, litm_kv, mdqa
+  os.makedirs(out, exist_ok=True)
+  results = {'name': name, 'model': source, 'settings': settings, 'scores': [], 'notes': [],
+             'throughput': {}}
+  t0 = time.perf_counter()
+  for suite in suites:
+    if suite == 'mdqa':
+      res = mdqa.run(runner, opts, variants=tuple(_MDQA.value))
+    elif suite == 'general':
+      res = general.run(runner, opts, benchmarks=tuple(_BENCH.value))
+    else:
+      res = {'kv': kv, 'flenqa': flenqa, 'litm_kv': litm_kv}[suite].run(runner, opts)
+    results['scores'] += res.scores
+    results['notes'] += res.notes
+    with open(os.path.join(out, f'predictions_{suite}.jsonl'), 'w') as f:
+      for p in res.predictions:
+        f.write(json.dumps(p) + '\n')
+    if suite in ('mdqa', 'litm_kv'):
+      metric = 'best_subspan_em'
+      plots.position_curves({name: res.scores}, os.path.join(out, f'{suite}_by_position.png'),
+                            suite=suite, metric=metric,
+                            group_key='num_docs' if suite == 'mdqa' else None)
+    if suite == 'kv':
+      plots.position_curves({name: res.scores}, os.path.join(out, 'kv_by_position.png'),
+                            suite='kv', metric='accuracy', group_key='num_dicts')
+      plots.heatmap(res.plots['heatmap'], os.path.join(out, 'kv_heatmap.png'),
+                    f'{name}: {opts.kv_task} accuracy by position and length')
+  elapsed = time.perf_counter() - t0
+  st = runner.stats
+  results['throughput'] = {
+      **st, 'elapsed_s': elapsed,
+      'generate_tokens_per_s': (st['prefill_tokens'] + st['decode_tokens']) / st['generate_s']
+      if st['generate_s'] else None,
+      'loglik_tokens_per_s': st['loglik_tokens'] / st['loglik_s'] if st['loglik_s'] else None}
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def format_scores(scores: list[dict]) -> str:
+  lines = []
+  for s in scores:
+    settings = ', '.join(f'{k}={v}' for k, v in s.items()
+                         if k not in ('suite', 'metric', 'value', 'n', 'data', 'source'))
+    lines.append(f"{s['suite']:8s} {s['metric']:20s} {s['value']:.3f}  n={s['n']:<5d} {settings}")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if not _SUITE.value:
+    raise app.UsageError('give at least one --suite')
+  if not _OUT.value:
+    raise app.UsageError('--out=DIR is required')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  from jaxlm.evaluate.runner import Runner
+  model, tokenizer, chat, source, mesh = load_model(_MESH.value)
+  c = _CONFIG.value
+  kv_fields, kv_task, kv_lengths = {}, 'simple_kv', [4, 8, 16]
+  if _CHECKPOINT.value:
+    import ml_collections
+    if c is None:
+      with open(os.path.join(_CHECKPOINT.value, 'config.json')) as f:
+        c = ml_collections.ConfigDict(json.load(f))
+    kv_task = c.data.task
+    kv_fields = {**c.data.task_fields.to_dict(), **c.eval.task_fields.to_dict()}
+    kv_fields.pop('curriculum_examples', None)
+    n = kv_fields.pop('num_dicts', None)
+    kv_lengths = [n] if isinstance(n, int) else kv_lengths
+  if _KV_LENGTHS.value:
+    kv_lengths = [int(x) for x in _KV_LENGTHS.value]
+  kv_fields.pop('num_dicts', None)
+  kv_fields.pop('gold_position', None)
+  opts = Options(data=parse_data(_DATA.value, _SUITE.value),
+                 positions=[int(p) for p in _POSITIONS.value] if _POSITIONS.value else None,
+                 num_examples=_N.value, num_docs=[int(x) for x in _NUM_DOCS.value],
+                 kv_lengths=kv_lengths, kv_task=kv_task, kv_fields=kv_fields,
+                 cot={'both': [False, True], 'yes': [True], 'no': [False]}[_COT.value],
+                 shots=_SHOTS.value, max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
+  settings = {'suites': _SUITE.value, 'positions': opts.positions, 'num_examples': _N.value,
+              'num_docs': opts.num_docs, 'kv_lengths': kv_lengths, 'kv_task': kv_task,
+              'cot': _COT.value, 'shots': _SHOTS.value, 'max_new_tokens': _MAX_NEW.value,
+              'batch_size': _BATCH.value, 'seed': _SEED.value, 'data': opts.data,
+              'mesh': dict(mesh.shape), 'device_kind': jax.devices()[0].device_kind}
+  name = _NAME.value or os.path.basename(os.path.normpath(_OUT.value))
+  runner = Runner(model, tokenizer, chat_format=chat, batch_size=_BATCH.value)
+  try:
+    with jax.set_mesh(mesh):
+      results = run_suites(runner, list(dict.fromkeys(_SUITE.value)), opts, _OUT.value, name,
+                           source, settings)
+  except DataError as e:
+    sys.exit(f'data error: {e}')
+  except ValueError as e:   # settings that do not fit the data or the model
+    sys.exit(f'error: {e}')
+  print(format_scores(results['scores']))
+  for note in results['notes']:
+    print(f'note: {note}')
+  print(f'[eval] wrote {_OUT.value}/results.json, predictions_*.jsonl and plots')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,101 @@
+"""Side-by-side table of several evaluation runs (the paper's original vs fine-tuned vs
+baselines), and their accuracy-vs-position curves on one figure.
+
+  python -m jaxlm.evaluate.compare evals/original evals/simple_kv evals/niah \\
+      [--out=evals/compare] [--markdown]
+
+Each argument is an --out directory of `python -m jaxlm.evaluate` (or its results.json).
+Rows are (suite, metric, settings); a run without a row shows '-'. The first run is the
+reference: later columns also show the difference from it in points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+_SKIP = ('suite', 'metric', 'value', 'n', 'data', 'source')
+
+
+def load(path: str) -> dict[str, Any]:
+  file = path if path.endswith('.json') else os.path.join(path, 'results.json')
+  if not os.path.exists(file):
+    raise SystemExit(f'compare: {file} does not exist (run python -m jaxlm.evaluate first)')
+  with open(file) as f:
+    res = json.load(f)
+  if 'scores' not in res:
+    raise SystemExit(f'compare: {file} has no "scores" (not a jaxlm.evaluate results.json)')
+  return res
+
+
+def row_key(score: dict[str, Any]) -> tuple:
+  settings = tuple(sorted((k, str(v)) for k, v in score.items() if k not in _SKIP))
+  return (score['suite'], score['metric'], settings)
+
+
+def table(runs: list[dict[str, Any]], markdown: bool = False) -> str:
+  names = [r.get('name') or f'run{i}' for i, r in enumerate(runs)]
+  keys: list[tuple] = []
+  values: list[dict[tuple, float]] = []
+  for r in runs:
+    d = {}
+    for s in r['scores']:
+      k = row_key(s)
+      d[k] = 100 * s['value']
+      if k not in keys:
+        keys.append(k)
+    values.append(d)
+  header = ['suite', 'metric', 'settings'] + [
+      n if i == 0 else f'{n} (Δ)' for i, n in enumerate(names)]
+  rows = []
+  for k in keys:
+    ref = values[0].get(k)
+    cells = []
+    for i, d in enumerate(values):
+      v = d.get(k)
+      if v is None:
+        cells.append('-')
+      elif i == 0 or ref is None:
+        cells.append(f'{v:.2f}')
+      else:
+        cells.append(f'{v:.2f} ({v - ref:+.2f})')
+    rows.append([k[0], k[1], ', '.join(f'{a}={b}' for a, b in k[2])] + cells)
+  if markdown:
+    out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    out += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    return '\n'.join(out)
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  fmt = lambda r: '  '.join(str(x).ljust(w) for x, w in zip(r, widths))
+  return '\n'.join([fmt(header), fmt(['-' * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('runs', nargs='+', help='evaluation output directories or results.json')
+  parser.add_argument('--out', default=None, help='write comparison.md and position plots here')
+  parser.add_argument('--markdown', action='store_true', help='print a Markdown table')
+  args = parser.parse_args(argv)
+  runs = [load(p) for p in args.runs]
+  for i, r in enumerate(runs):   # distinct names for the columns
+    r['name'] = r.get('name') or os.path.basename(os.path.normpath(args.runs[i]))
+  text = table(runs, markdown=args.markdown)
+  print(text)
+  if args.out:
+    from jaxlm.evaluate import plots
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'comparison.md'), 'w') as f:
+      f.write(table(runs, markdown=True) + '\n')
+    scores = {r['name']: r['scores'] for r in runs}
+    for suite, metric, group in (('mdqa', 'best_subspan_em', 'num_docs'),
+                                 ('litm_kv', 'best_subspan_em', None),
+                                 ('kv', 'accuracy', 'num_dicts')):
+      if plots.position_curves(scores, os.path.join(args.out, f'{suite}_by_position.png'),
+                               suite=suite, metric=metric, group_key=group):
+        print(f'[compare] wrote {args.out}/{suite}_by_position.png')
+    print(f'[compare] wrote {args.out}/comparison.md')
+
+
+if __name__ == '__main__':
+  main()

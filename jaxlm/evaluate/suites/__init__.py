@@ -1,0 +1,1 @@
+"""One module per evaluation suite; each has run(runner, opts) -> SuiteResult."""
