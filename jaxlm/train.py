@@ -39,9 +39,18 @@ from jaxlm.data.pipeline import DataConfig, make_dataset
 from jaxlm.model import MistralConfig, get_config, init_model
 from jaxlm.tokenizer import Tokenizer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'training config file', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, outputs)')
-_AOT = flags.DEFINE_boolean('aot_only', False, 'compile the train step, report memory, exit')
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when the trainer is the program (other entry
+  points, e.g. python -m jaxlm.evaluate, import this module and define their own)."""
+  _FLAGS['config'] = config_flags.DEFINE_config_file('config', None, 'training config file',
+                                                     lock_config=True)
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,
+                                          'run directory (checkpoints, metrics, outputs)')
+  _FLAGS['aot_only'] = flags.DEFINE_boolean('aot_only', False,
+                                            'compile the train step, report memory, exit')
 
 
 class ConfigError(ValueError):
@@ -453,16 +462,17 @@ def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if _CONFIG.value is None:
+  if _FLAGS['config'].value is None:
     raise app.UsageError('--config=configs/NAME.py is required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save step at INFO
-  workdir = _WORKDIR.value or os.environ.get('WORKDIR') or 'runs/default'
+  workdir = _FLAGS['workdir'].value or os.environ.get('WORKDIR') or 'runs/default'
   try:
-    train(_CONFIG.value, workdir, aot_only=_AOT.value)
+    train(_FLAGS['config'].value, workdir, aot_only=_FLAGS['aot_only'].value)
   except ConfigError as e:
     sys.exit(f'config error: {e}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -47,3 +47,10 @@ def test_niah_value_only():
   ex = make_task('niah', num_tokens=None, num_units=5, filler='passkey').example(0, 0)
   assert score_answer(ex.answer, ex) == {'value': True, 'dict': None, 'key': None, 'all': True}
   assert not score_answer('The number is 12.', ex)['value']
+
+
+def test_a_value_equal_to_its_key_is_read_from_the_template():
+  ex = {'task': 'simple_kv', 'gold_key': 8, 'gold_value': 8, 'gold_dict': 2}
+  assert score_answer('The value of key 8 is 8 and it is in Dictionary [2].', ex)['all']
+  assert not score_answer('The value of key 8 is 9 and it is in Dictionary [2].', ex)['value']
+  assert parse_answer('Key 8: the value is 8', 'simple_kv', 8)['value'] is None  # ambiguous

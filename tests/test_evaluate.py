@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxlm.evaluate import metrics
-from jaxlm.evaluate.common import DataError, Options, read_jsonl
+from jaxlm.evaluate.common import DataError, Options
 from jaxlm.evaluate.runner import Runner, cut_at_stop
 from jaxlm.evaluate.suites import flenqa, general, kv, litm_kv, mdqa
 from jaxlm.model import get_config, init_model
@@ -181,12 +181,10 @@ def test_general_multiple_choice_picks_the_highest_loglik(runner):
 
 
 def test_every_suite_runs_end_to_end_and_missing_answers_score_zero(runner, tmp_path):
-  from jaxlm.evaluate.__main__ import run_suites
+  from jaxlm.evaluate.harness import run_suites
   opts = Options(num_examples=2, positions=[1, 3], num_docs=[3], max_new_tokens=3,
                  kv_lengths=[3], kv_fields={'keys_per_dict': (2, 2), 'gold_dict_size': 2,
                                             'key_digits': (2, 2), 'value_digits': (2, 2)})
-  from absl import flags
-  flags.FLAGS(['test'])   # defaults for the mdqa variants and general benchmark lists
   res = run_suites(runner, ['kv', 'mdqa', 'flenqa', 'general', 'litm_kv'], opts,
                    str(tmp_path), 'tiny', {'test': True}, {})
   suites = {s['suite'] for s in res['scores']}
@@ -251,15 +249,24 @@ def _run(args, cwd=ROOT):
 def test_cli_with_hf_and_checkpoint_then_compare(tmp_path):
   from tests.conftest import make_hf_model
   make_hf_model(tmp_path / "hf", vocab_size=32000, max_position_embeddings=8192)
+  # A small file in Lost in the Middle's key-value format (the shipped one has 75 pairs).
+  litm = tmp_path / 'kv-10.jsonl'
+  with open(litm, 'w') as f:
+    for i in range(3):
+      pairs = [[f'k{i}-{j}', f'v{i}-{j}'] for j in range(10)]
+      f.write(json.dumps({'ordered_kv_records': pairs, 'key': pairs[4][0],
+                          'value': pairs[4][1]}) + '\n')
   out_a = tmp_path / 'a'
   r = _run(['-m', 'jaxlm.evaluate', f'--hf={tmp_path / "hf"}', '--suite=litm_kv',
-            '--suite=flenqa', '--num_examples=2', '--positions=1,75', '--max_new_tokens=2',
-            '--cot=no', f'--out={out_a}', '--name=base'])
+            '--suite=flenqa', '--num_examples=2', '--positions=1,10', '--max_new_tokens=2',
+            '--cot=no', f'--data=litm_kv={litm}', f'--out={out_a}', '--name=base'])
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'litm_kv' in r.stdout and (out_a / 'results.json').exists()
   res = json.load(open(out_a / 'results.json'))
   assert res['model']['chat_format'] == 'mistral' and res['name'] == 'base'
-  assert {s['gold_position'] for s in res['scores'] if s['suite'] == 'litm_kv'} == {1, 75}
+  assert {s['gold_position'] for s in res['scores'] if s['suite'] == 'litm_kv'} == {1, 10}
+  preds = [json.loads(l) for l in open(out_a / 'predictions_litm_kv.jsonl')]
+  assert len(preds) == 4 and {p['answers'][0] for p in preds} == {'v0-4', 'v1-4'}
 
   # A short training run, evaluated from its checkpoint (config read from the run).
   run_dir = tmp_path / 'run'

@@ -65,9 +65,11 @@ def test_tiny_demo_tokenizer_rebuilds_identically_and_keeps_numbers_whole(tmp_pa
   assert open(tmp_path / 'kv.model', 'rb').read() == open(shipped, 'rb').read()
   tok = Tokenizer(shipped)
   assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (382, 1, 2)
-  for n in (0, 7, 42, 99):
-    assert [tok.id_to_piece(i) for i in tok.encode(f'key {n}:', bos=False)][2] == str(n)
+  for n in (0, 7, 42, 99):   # a number is one piece wherever the task prints it
+    pieces = [tok.id_to_piece(i) for i in tok.encode(f'{{{n}: {n}, {n}: 5}} Report the value '
+                                                     f'of key {n} and', bos=False)]
+    assert pieces.count(str(n)) == 4, pieces
   ex = make_task('simple_kv', tok, num_dicts=4, keys_per_dict=(2, 3), key_digits=(1, 2),
                  value_digits=(1, 2), answer_template=True).example(5, 0)
   assert tok.decode(tok.encode(ex.prompt)) == ex.prompt
-  assert ex.num_tokens < 200
+  assert ex.num_tokens < 100   # the task's fixed sentences are single pieces

@@ -12,6 +12,7 @@ def get_config(**overrides):
   c.train.checkpoint_every, c.train.warmup_steps = 2, 2
   c.eval.per_position = 0
   c.export_hf = False
+  c.data.num_threads = 0
   c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, 1, 1
   for k, v in overrides.items():
     section, field = k.split('__')

@@ -13,6 +13,8 @@ from typing import Any
 
 _DICT = re.compile(r'dictionary\s*\[?\s*(\d+)\s*\]?', re.IGNORECASE)
 _TUPLE = re.compile(r'\(\s*(\d+(?:\s*,\s*\d+)+)\s*\)')
+_TEMPLATE = re.compile(r'value of key\s*(?:\(\s*[\d,\s]+\)|-?\d+)\s*is\s*:?\s*(-?\d+)\b',
+                       re.IGNORECASE)
 _INT = re.compile(r'(?<![\d.])-?\d+(?![\d])')
 
 
@@ -31,6 +33,8 @@ def parse_answer(text: str, task: str, gold_key: Any = None) -> dict[str, Any]:
   if m:
     out['dict'] = int(m.group(1))
   rest = _DICT.sub(' ', text)
+  # The template states the key, so its value is read as is (it may equal the key).
+  template = _TEMPLATE.search(rest)
   if task == 'multisubkey_kv':
     t = _TUPLE.search(rest)
     if t:
@@ -41,7 +45,10 @@ def parse_answer(text: str, task: str, gold_key: Any = None) -> dict[str, Any]:
     excluded = {int(gold_key)} if gold_key is not None else set()
   else:
     excluded = set()
-  # Prefer "... is N" / "value is N" (the template); otherwise the first other integer.
+  if template:
+    out['value'] = int(template.group(1))
+    return out
+  # Prefer "... is N" / "value is N"; otherwise the first other integer.
   for m in re.finditer(r'\bis\s*:?\s*(-?\d+)\b', rest):
     if int(m.group(1)) not in excluded:
       out['value'] = int(m.group(1))

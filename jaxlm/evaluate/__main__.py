@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxlm.evaluate.common import DataError, Options
+from jaxlm.evaluate.harness import format_scores, run_suites
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'training config file', lock_config=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'training run directory (or its checkpoints/)')
@@ -118,57 +118,6 @@ def load_model(mesh_spec: str):
   return model, tokenizer, chat, source, mesh
 
 
-def run_suites(runner, suites: list[str], opts: Options, out: str, name: str,
-               source: dict, settings: dict) -> dict:
-  from jaxlm.evaluate import plots
-  from jaxlm.evaluate.suites import flenqa, general, kv, litm_kv, mdqa
-  os.makedirs(out, exist_ok=True)
-  results = {'name': name, 'model': source, 'settings': settings, 'scores': [], 'notes': [],
-             'throughput': {}}
-  t0 = time.perf_counter()
-  for suite in suites:
-    if suite == 'mdqa':
-      res = mdqa.run(runner, opts, variants=tuple(_MDQA.value))
-    elif suite == 'general':
-      res = general.run(runner, opts, benchmarks=tuple(_BENCH.value))
-    else:
-      res = {'kv': kv, 'flenqa': flenqa, 'litm_kv': litm_kv}[suite].run(runner, opts)
-    results['scores'] += res.scores
-    results['notes'] += res.notes
-    with open(os.path.join(out, f'predictions_{suite}.jsonl'), 'w') as f:
-      for p in res.predictions:
-        f.write(json.dumps(p) + '\n')
-    if suite in ('mdqa', 'litm_kv'):
-      metric = 'best_subspan_em'
-      plots.position_curves({name: res.scores}, os.path.join(out, f'{suite}_by_position.png'),
-                            suite=suite, metric=metric,
-                            group_key='num_docs' if suite == 'mdqa' else None)
-    if suite == 'kv':
-      plots.position_curves({name: res.scores}, os.path.join(out, 'kv_by_position.png'),
-                            suite='kv', metric='accuracy', group_key='num_dicts')
-      plots.heatmap(res.plots['heatmap'], os.path.join(out, 'kv_heatmap.png'),
-                    f'{name}: {opts.kv_task} accuracy by position and length')
-  elapsed = time.perf_counter() - t0
-  st = runner.stats
-  results['throughput'] = {
-      **st, 'elapsed_s': elapsed,
-      'generate_tokens_per_s': (st['prefill_tokens'] + st['decode_tokens']) / st['generate_s']
-      if st['generate_s'] else None,
-      'loglik_tokens_per_s': st['loglik_tokens'] / st['loglik_s'] if st['loglik_s'] else None}
-  with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  return results
-
-
-def format_scores(scores: list[dict]) -> str:
-  lines = []
-  for s in scores:
-    settings = ', '.join(f'{k}={v}' for k, v in s.items()
-                         if k not in ('suite', 'metric', 'value', 'n', 'data', 'source'))
-    lines.append(f"{s['suite']:8s} {s['metric']:20s} {s['value']:.3f}  n={s['n']:<5d} {settings}")
-  return '\n'.join(lines)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -212,7 +161,7 @@ def main(argv):
   try:
     with jax.set_mesh(mesh):
       results = run_suites(runner, list(dict.fromkeys(_SUITE.value)), opts, _OUT.value, name,
-                           source, settings)
+                           source, settings, mdqa_variants=_MDQA.value, benchmarks=_BENCH.value)
   except DataError as e:
     sys.exit(f'data error: {e}')
   except ValueError as e:   # settings that do not fit the data or the model
