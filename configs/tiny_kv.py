@@ -61,5 +61,5 @@ def get_config():
   c.eval.task_fields.num_dicts = 4        # evaluate on the hardest size
   c.eval.max_new_tokens = 24
   c.eval.batch_size = 50
-  c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, 1, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, -1, 1   # launch/multiprocess.sh: all devices
   return c

@@ -1,6 +1,6 @@
 # Sourced by launch/*.sh: create .venv on first use and install a requirements file.
 # Re-installs only when the requirements file changed since the last install.
-# Usage: source launch/_env.sh requirements.txt
+# Usage: source launch/_env.sh requirements.txt   (JAX_EXTRA=tpu|cuda12: accelerator jax)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,13 +11,23 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 STAMP=".venv/.installed-$(basename "$REQ")"
-if [ ! -f "$STAMP" ] || ! cmp -s "$STAMP" <(cat "$REQ" requirements.txt); then
+_jaxlm_current() { [ -f "$1" ] && cmp -s "$1" <(cat "$2" requirements.txt); }
+# (the test extras include requirements.txt: a test install serves the runtime scripts too)
+if ! _jaxlm_current "$STAMP" "$REQ" && ! { [ "$REQ" = requirements.txt ] &&
+     _jaxlm_current .venv/.installed-requirements-test.txt requirements-test.txt; }; then
   echo "[jaxlm] installing $REQ into .venv"
   # (this machine's pip.conf names a missing index: drop that one harmless warning)
   .venv/bin/python -m pip install -q --upgrade pip 2> >(grep -v "is ignored" >&2)
   .venv/bin/python -m pip install -q -r "$REQ" 2> >(grep -v "is ignored" >&2)
   .venv/bin/python -m pip check
   cat "$REQ" requirements.txt > "$STAMP"
+fi
+# On accelerator hosts: JAX_EXTRA=tpu or cuda12 adds jax[EXTRA] at the pinned jax version.
+if [ -n "${JAX_EXTRA:-}" ] && [ ! -f ".venv/.installed-jax-$JAX_EXTRA" ]; then
+  JAX_PIN="$(grep -E '^jax==' requirements.txt | cut -d= -f3)"
+  echo "[jaxlm] installing jax[$JAX_EXTRA]==$JAX_PIN into .venv"
+  .venv/bin/python -m pip install -q "jax[$JAX_EXTRA]==$JAX_PIN" 2> >(grep -v "is ignored" >&2)
+  touch ".venv/.installed-jax-$JAX_EXTRA"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="$ROOT/.venv/bin/python"

@@ -13,7 +13,7 @@ def get_config(**overrides):
   c.eval.per_position = 0
   c.export_hf = False
   c.data.num_threads = 0
-  c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, 1, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, -1, 1   # launch/multiprocess.sh: all devices
   for k, v in overrides.items():
     section, field = k.split('__')
     c[section][field] = v
