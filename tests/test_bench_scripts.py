@@ -19,3 +19,12 @@ def test_attention_check_runs(capsys):
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if l.startswith('| blockwise')]
   assert rows and all(float(x) < 1e-4 for x in rows[0].split('|')[2:6])
+
+
+def test_evaluation_throughput_benchmark_runs(capsys):
+  from jaxlm.bench import evaluate
+  evaluate.main(['--preset', 'tiny', '--prompt', '16', '--batch', '2', '--new', '3',
+                 '--repeats', '1'])
+  out = capsys.readouterr().out
+  rows = [l for l in out.splitlines() if l.startswith('| MDQA 20 docs')]
+  assert rows and all(float(x) > 0 for x in rows[0].split('|')[2:4])
