@@ -192,7 +192,8 @@ def _plot(path: str, grid, rows, metric: str) -> None:
   ax.set_xlabel(x_field)
   ax.set_ylabel(metric)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

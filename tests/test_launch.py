@@ -1,0 +1,125 @@
+"""launch/: N local processes train as one JAX runtime and match one process; the TPU pod
+and SLURM launchers print the commands they would run (no cloud, no scheduler here)."""
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from test_train import final_params, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The same global batch whatever the process count: no packing (packing happens per host).
+SAME_BATCH = ['--config.data.packing=False']
+
+
+def _launch(*args, env=None, timeout=600):
+  e = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  e.update(env or {})
+  return subprocess.run(['bash', *args], cwd=ROOT, env=e, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _close(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_two_and_four_processes_match_one_and_resume(tmp_path):
+  # Reference: one process owning 4 devices, the same global batch of 8.
+  ref = run_cli(tmp_path / 'ref', '--config.mesh.devices=4', *SAME_BATCH)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  ref_step, ref_params = final_params(tmp_path / 'ref')
+
+  four = _launch('launch/multiprocess.sh', '4', 'tests/train_config.py',
+                 f'--workdir={tmp_path}/four', *SAME_BATCH)
+  assert four.returncode == 0, four.stdout[-2000:] + four.stderr[-2000:]
+  assert "4 processes x 1 CPU device(s)" in four.stdout and "'fsdp': 4" in four.stdout
+  assert os.path.exists(tmp_path / 'four' / 'process_3.log')
+  step, params = final_params(tmp_path / 'four')
+  assert step == ref_step == 6
+  _close(params, ref_params)
+
+  # Two processes x 2 devices, stopped at step 3 and resumed to 6 by a second launch.
+  two = [f'--workdir={tmp_path}/two', *SAME_BATCH]
+  env = {'DEVICES_PER_PROCESS': '2'}
+  first = _launch('launch/multiprocess.sh', '2', 'tests/train_config.py', *two,
+                  '--config.train.steps=3', env=env)
+  assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+  again = _launch('launch/multiprocess.sh', '2', 'tests/train_config.py', *two, env=env)
+  assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+  assert 'resumed from step 3' in again.stdout
+  step, params = final_params(tmp_path / 'two')
+  assert step == 6
+  _close(params, ref_params)
+
+
+def test_multiprocess_failure_stops_every_process(tmp_path):
+  r = _launch('launch/multiprocess.sh', '2', 'tests/train_config.py', f'--workdir={tmp_path}/w',
+              '--config.train.stepz=3')
+  assert r.returncode != 0 and 'stepz' in r.stdout + r.stderr
+  bad = _launch('launch/multiprocess.sh', 'two', 'tests/train_config.py')
+  assert bad.returncode == 2 and "got 'two'" in bad.stderr
+
+
+def test_tpu_pod_dry_run_prints_every_command():
+  r = _launch('launch/tpu_pod.sh', '--dry-run', '--name=pod1', '--zone=us-east5-a',
+              '--type=v5p-32', '--project=proj', 'configs/mistral7b_simple_kv.py',
+              '--workdir=gs://bucket/runs/skv', '--config.train.steps=10')
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  cmds = [l for l in lines if l.startswith('+ ')]
+  assert cmds[0] == ('+ gcloud compute tpus tpu-vm create pod1 --accelerator-type=v5p-32 '
+                     '--version=v2-alpha-tpuv5 --zone=us-east5-a --project=proj')
+  assert any('tpu-vm scp' in c and '--worker=all' in c for c in cmds)
+  assert any('JAX_EXTRA=tpu bash launch/setup.sh' in c for c in cmds)
+  train = cmds[-1]
+  assert train.startswith('+ gcloud compute tpus tpu-vm ssh pod1 --zone=us-east5-a '
+                          '--project=proj --worker=all')
+  for part in ('python -m jaxlm.train', '--config=configs/mistral7b_simple_kv.py',
+               '--config.distributed=True', '--workdir=gs://bucket/runs/skv',
+               '--config.train.steps=10'):
+    assert part in train
+
+
+def test_tpu_pod_multislice_and_errors():
+  r = _launch('launch/tpu_pod.sh', '--dry-run', '--name=ms', '--zone=z', '--type=v6e-256',
+              '--slices=2', '--spot', '--repo=https://example.com/jaxlm.git',
+              'configs/mistral7b_simple_kv.py', '--workdir=gs://b/r', '--config.mesh.data=2')
+  assert r.returncode == 0, r.stderr
+  cmds = [l for l in r.stdout.splitlines() if l.startswith('+ ')]
+  assert cmds[0].startswith('+ gcloud compute tpus queued-resources create ms --node-count=2 '
+                            '--node-prefix=ms --accelerator-type=v6e-256')
+  assert cmds[0].endswith('--spot')
+  assert sum('git clone' in c for c in cmds) == 2
+  trains = [c for c in cmds if 'jaxlm.train' in c]
+  assert [c.split()[6] for c in trains] == ['ms-0', 'ms-1']
+  for args, msg in [(['--name=x', '--zone=z', '--type=v5p'], "--type='v5p'"),
+                    (['--zone=z', '--type=v5p-8'], '--name=NAME is required'),
+                    (['--name=x', '--zone=z', '--type=v5p-8', '--bogus'], "unknown option '--bogus'")]:
+    r = _launch('launch/tpu_pod.sh', '--dry-run', *args, 'configs/tiny_kv.py', '--workdir=gs://b')
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+  r = _launch('launch/tpu_pod.sh', '--dry-run', '--name=x', '--zone=z', '--type=v5p-8',
+              'configs/tiny_kv.py')
+  assert r.returncode == 2 and '--workdir=gs://' in r.stderr
+
+
+def test_slurm_dry_run_takes_the_coordinator_from_the_allocation():
+  env = {'DRY_RUN': '1', 'SLURM_JOB_NODELIST': 'gpu[007-010]', 'SLURM_NNODES': '4',
+         'SLURM_JOB_ID': '31337'}
+  r = _launch('launch/gpu_slurm.sbatch', 'configs/mistral7b_simple_kv.py',
+              '--workdir=/shared/runs/x', env=env)
+  assert r.returncode == 0, r.stderr
+  cmds = [l for l in r.stdout.splitlines() if l.startswith('+ ')]
+  assert cmds[0] == '+ env JAX_EXTRA=cuda12 bash launch/setup.sh'
+  srun = cmds[-1]
+  assert srun.startswith('+ srun --nodes=4 --ntasks-per-node=1')
+  for part in ('JAX_COORDINATOR_ADDRESS=gpu007:31337', 'JAX_NUM_PROCESSES=$SLURM_NTASKS',
+               'JAX_PROCESS_ID=$SLURM_PROCID', '-m jaxlm.train',
+               '--config=configs/mistral7b_simple_kv.py', '--config.distributed=True',
+               '--workdir=/shared/runs/x'):
+    assert part in srun, part
+  outside = _launch('launch/gpu_slurm.sbatch', 'configs/tiny_kv.py',
+                    env={'SLURM_JOB_NODELIST': ''})
+  assert outside.returncode == 2 and 'not inside a SLURM allocation' in outside.stderr
