@@ -39,7 +39,14 @@ def final_params(workdir):
   import orbax.checkpoint as ocp
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/*')
                  if os.path.basename(p).isdigit())
-  restored = ocp.StandardCheckpointer().restore(f'{workdir}/checkpoints/{steps[-1]}/state')
+  # Restored onto one local device, whatever topology (processes, devices) saved it.
+  path = f'{workdir}/checkpoints/{steps[-1]}/state'
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(path)
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        getattr(meta, 'item_metadata', meta))
+  restored = ckptr.restore(path, target)
   flat = jax.tree_util.tree_flatten_with_path(restored)[0]   # model and optimizer state
   return steps[-1], {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
