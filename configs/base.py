@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.95
   c.train.eps = 1e-8
   c.train.clip_norm = 1.0
+  c.train.prompt_loss_weight = 0.0   # >0: auxiliary LM loss on prompt tokens (from-scratch runs)
   c.train.log_every = 10
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.attention import IMPLEMENTATIONS, attend
+from jaxlm.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Rematerialization of each block in the backward pass: what is saved from the forward.
@@ -133,6 +134,18 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...],
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+# Logical names of activations (jaxlm.sharding maps them to mesh axes under a mesh).
+EMBED_ACT = ('act_batch', 'act_length', 'act_embed')
+HEADS_ACT = ('act_batch', 'act_length', 'act_heads', None)
+KV_HEADS_ACT = ('act_batch', 'act_length', 'act_kv_heads', None)
+MLP_ACT = ('act_batch', 'act_length', 'act_mlp')
+VOCAB_ACT = ('act_batch', 'act_length', 'act_vocab')
+
+
+def _act(x: jax.Array, names=EMBED_ACT) -> jax.Array:
+  return constrain(x, names)
+
+
 def _matmul(x: jax.Array, w: jax.Array, n_in: int = 1, **kwargs) -> jax.Array:
   """Contract the last `n_in` dims of x with the first `n_in` dims of w, as one 2-D matmul.
 
@@ -185,9 +198,9 @@ class Attention(nnx.Module):
     natural: positions are 0..T-1 and segment_ids_BxT is None, so kernels with static
     masks (cudnn, splash) apply."""
     cfg, dt = self.cfg, x_BxTxD.dtype
-    q = _matmul(x_BxTxD, self.q_proj[...].astype(dt))
-    k = _matmul(x_BxTxD, self.k_proj[...].astype(dt))
-    v = _matmul(x_BxTxD, self.v_proj[...].astype(dt))
+    q = _act(_matmul(x_BxTxD, self.q_proj[...].astype(dt)), HEADS_ACT)
+    k = _act(_matmul(x_BxTxD, self.k_proj[...].astype(dt)), KV_HEADS_ACT)
+    v = _act(_matmul(x_BxTxD, self.v_proj[...].astype(dt)), KV_HEADS_ACT)
     q = rope(q, positions_BxT, cfg.rope_theta)
     k = rope(k, positions_BxT, cfg.rope_theta)
     impl, block = cfg.attention_impl, dict(block_q=cfg.attention_block_q,
@@ -224,8 +237,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD):
     dt = x_BxTxD.dtype
-    gate_BxTxF = jax.nn.silu(_matmul(x_BxTxD, self.gate_proj[...].astype(dt)))
-    up_BxTxF = _matmul(x_BxTxD, self.up_proj[...].astype(dt))
+    gate_BxTxF = jax.nn.silu(_act(_matmul(x_BxTxD, self.gate_proj[...].astype(dt)), MLP_ACT))
+    up_BxTxF = _act(_matmul(x_BxTxD, self.up_proj[...].astype(dt)), MLP_ACT)
     return _matmul(gate_BxTxF * up_BxTxF, self.down_proj[...].astype(dt))
 
 
@@ -240,8 +253,8 @@ class Block(nnx.Module):
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False):
     h, new_kv = self.attn(self.input_norm(x_BxTxD), positions_BxT, segment_ids_BxT, cache,
                           natural)
-    x_BxTxD = x_BxTxD + h
-    return x_BxTxD + self.mlp(self.post_attn_norm(x_BxTxD)), new_kv
+    x_BxTxD = _act(x_BxTxD + h)
+    return _act(x_BxTxD + self.mlp(self.post_attn_norm(x_BxTxD))), new_kv
 
 
 @jax.tree_util.register_dataclass
@@ -290,7 +303,7 @@ class Mistral(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.zeros((B, T), jnp.int32)
-    x = self._embed(tokens_BxT)
+    x = _act(self._embed(tokens_BxT))
     for block in self.layers:
       if self.cfg.remat == 'none':
         x, _ = block(x, positions_BxT, segment_ids_BxT, natural=natural)
@@ -328,8 +341,8 @@ class Mistral(nnx.Module):
 
   def _logits(self, x_BxTxD):
     x_BxTxD = self.final_norm(x_BxTxD)
-    return _matmul(x_BxTxD, self.lm_head[...].astype(x_BxTxD.dtype),
-                   preferred_element_type=jnp.float32)
+    return _act(_matmul(x_BxTxD, self.lm_head[...].astype(x_BxTxD.dtype),
+                        preferred_element_type=jnp.float32), VOCAB_ACT)
 
 
 def init_model(cfg: MistralConfig, seed: int = 0) -> Mistral:

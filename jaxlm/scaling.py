@@ -27,6 +27,7 @@ import argparse
 import csv
 import itertools
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -59,12 +60,19 @@ def row_config(base, seq_len: int, attention: str, devices: int, batch: int, ste
 def measure(c, workdir: str, mode: str) -> dict[str, Any]:
   from jaxlm import flops
   from jaxlm import train as trainer
+  if os.path.exists(workdir):   # a fresh run: the trainer would resume an old one
+    shutil.rmtree(workdir)
   row: dict[str, Any] = {}
   report = trainer.train(c, os.path.join(workdir, 'aot'), aot_only=True, log=lambda _: None)
   row['mesh'] = 'x'.join(f'{k}{v}' for k, v in report['mesh'].items() if v > 1) or 'single'
   row['memory_gib_per_device'] = report['total_bytes_per_device'] / 2**30
   row['temp_gib_per_device'] = report['temp_bytes'] / 2**30
   if mode == 'aot':
+    return row
+  need, have = report['total_bytes_per_device'], _capacity_per_device(c.mesh.devices)
+  if have and need > have:
+    row['status'] = (f'skipped: needs {need / 2**30:.1f} GiB per device, '
+                     f'{have / 2**30:.1f} GiB available')
     return row
   trainer.train(c, workdir, log=lambda _: None)
   import json
@@ -81,6 +89,22 @@ def measure(c, workdir: str, mode: str) -> dict[str, Any]:
              mfu=flops.mfu(tokens, cfg, c.data.seq_len, c.mesh.devices,
                            flops.device_peak(c.train.peak_flops_per_device)))
   return row
+
+
+def _capacity_per_device(num_devices: int) -> float | None:
+  """Memory one device may use: its HBM limit on an accelerator; on CPU, where simulated
+  devices share the host, 80% of physical memory split over them (an estimate beyond it
+  would get the run killed by the OS, not reported)."""
+  import jax
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    try:
+      host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError):
+      return None
+    return 0.8 * host / num_devices
+  stats = dev.memory_stats() or {}
+  return stats.get('bytes_limit')
 
 
 def _fmt(v) -> str:
@@ -156,12 +180,13 @@ def run_study(base, seq_lens, attentions, devices, out: str, *, steps: int = 4,
       row['status'] = f'config error: {e}'
     except Exception as e:   # e.g. XLA out of memory: keep the row, say why
       row['status'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}'
+    row.setdefault('status', 'ok')
     rows.append(row)
     eta = (time.time() - t0) / (i + 1) * (len(grid) - i - 1)
     log(f'[scaling] {i + 1}/{len(grid)} {name}: ' + (
         f'{_fmt(row.get("tokens_per_s"))} tok/s, ' if 'tokens_per_s' in row else '') + (
         f'{_fmt(row.get("memory_gib_per_device"))} GiB/device' if row['status'] == 'ok'
-        else row['status']) + f' (ETA {eta:.0f}s)')
+        else row['status'][:200]) + f' (ETA {eta:.0f}s)')
   text = write_outputs(out, rows)
   log(text + f'[scaling] wrote {out}/scaling.csv, scaling.md, scaling.png')
   return rows

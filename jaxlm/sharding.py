@@ -24,6 +24,16 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'kv_heads': ('tensor',),
     'head_dim': (),
     'mlp': ('tensor',),
+    # Activations (jaxlm.model constrains them with `constrain`): the batch over data and
+    # fsdp, the sequence over context (ring attention), heads / MLP width / vocabulary of
+    # activations over tensor, the model dimension replicated.
+    'act_batch': ('data', 'fsdp'),
+    'act_length': ('context',),
+    'act_embed': (),
+    'act_heads': ('tensor',),
+    'act_kv_heads': ('tensor',),
+    'act_mlp': ('tensor',),
+    'act_vocab': ('tensor',),
 }
 
 
@@ -46,6 +56,17 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
   return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=None) -> jax.Array:
+  """Pin an activation's layout by logical names under the current mesh (jax.set_mesh);
+  without a mesh (or on one device) it returns x unchanged. Without these constraints XLA
+  may propagate the weights' fsdp sharding onto activations and keep the whole batch on
+  every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
 
 
 def param_sharding(variable, mesh: Mesh, rules=None) -> NamedSharding:

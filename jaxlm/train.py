@@ -16,6 +16,7 @@ accumulation does not change the result).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +52,9 @@ def _define_flags() -> None:
                                           'run directory (checkpoints, metrics, outputs)')
   _FLAGS['aot_only'] = flags.DEFINE_boolean('aot_only', False,
                                             'compile the train step, report memory, exit')
+  _FLAGS['topology'] = flags.DEFINE_string(
+      'topology', None, 'with --aot_only: compile for a TPU topology (v5p-32, v5e-16, v6e-8, '
+      '2xv5p-32 for two slices) instead of this machine; needs libtpu')
 
 
 class ConfigError(ValueError):
@@ -126,26 +130,37 @@ def make_optimizer(t, schedule):
                   mask=decay_mask))
 
 
-def loss_sums(model, batch):
-  """Sum of answer-token cross-entropies, answer-token count and correct-token count."""
+def loss_sums(model, batch, prompt_weight: float = 0.0):
+  """(objective, (answer-token count, correct answer tokens, answer-token CE sum)).
+
+  The objective is the sum of answer-token cross-entropies (the paper's loss) plus
+  `prompt_weight` times that of the other real tokens (an auxiliary language-modelling
+  loss that helps a model trained from scratch learn the prompt's structure; 0 for
+  fine-tuning). Padding (segment id 0) never counts."""
   logits = model(batch['inputs'], batch['positions'], segment_ids_BxT=batch['segment_ids'])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
   mask = batch['loss_mask'].astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32) * mask
-  return jnp.sum(ce * mask), (jnp.sum(mask), jnp.sum(correct))
+  answer = jnp.sum(ce * mask)
+  objective = answer
+  if prompt_weight:
+    prompt = (batch['segment_ids'] > 0).astype(jnp.float32) * (1.0 - mask)
+    objective = answer + prompt_weight * jnp.sum(ce * prompt)
+  return objective, (jnp.sum(mask), jnp.sum(correct), answer)
 
 
-def make_train_step(graphdef, grad_accum: int, schedule):
+def make_train_step(graphdef, grad_accum: int, schedule, prompt_loss_weight: float = 0.0):
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     grad_fn = jax.value_and_grad(
-        lambda params, mb: loss_sums(nnx.merge(model_def, params, rest), mb), has_aux=True)
+        lambda params, mb: loss_sums(nnx.merge(model_def, params, rest), mb,
+                                     prompt_weight=prompt_loss_weight), has_aux=True)
 
     def accumulate(carry, mb):
       grads, loss, count, correct = carry
-      (l, (n, c)), g = grad_fn(params, mb)
+      (_, (n, c, l)), g = grad_fn(params, mb)
       return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, correct + c), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -293,7 +308,55 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def train(c, workdir: str, *, aot_only: bool = False, log=_print) -> dict[str, Any]:
+def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str, Any]:
+  """--aot_only: compile the train step for this machine's devices (the configured mesh) or
+  for a TPU topology (jaxlm.aot), report memory and FLOPs, write WORKDIR/aot.json."""
+  from jaxlm import aot
+  cfg = model_config(c)
+  topo = aot.parse_topology(topology) if topology else None
+  if topo:
+    devices = aot.topology_devices(topo)
+    c = c.copy_and_resolve_references()
+    if c.mesh.devices and c.mesh.devices != len(devices):
+      log(f'[aot] mesh.devices={c.mesh.devices} ignored: {topo.name} has {len(devices)} devices')
+    c.mesh.devices = 0
+    if topo.slices > 1 and c.mesh.data == 1:
+      c.mesh.data = topo.slices   # data parallel across slices: only gradients cross DCN
+      log(f'[aot] {topo.slices} slices: mesh.data set to {topo.slices}')
+  else:
+    if c.distributed:
+      initialize_distributed()
+    devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
+  shape = validate(c, cfg, len(devices))
+  if topo and topo.slices > 1 and shape[0] % topo.slices:
+    raise ConfigError(f'mesh.data={shape[0]} must be a multiple of the {topo.slices} slices of '
+                      f'{topo.name} (the data axis spans slices)')
+  if topo and cfg.attention_impl == 'auto':   # what auto picks on a TPU for training batches
+    impl = 'ring' if shape[shd.MESH_AXES.index('context')] > 1 else 'blockwise'
+    log(f"[aot] attention 'auto' compiles as {impl!r} on a TPU topology")
+    cfg = dataclasses.replace(cfg, attention_impl=impl)
+  mesh = aot.make_mesh(shape, devices, topo)
+  Tokenizer(c.tokenizer).check_model(cfg)
+  schedule = make_schedule(c.train)
+  report = aot.compile_report(
+      c, cfg, mesh,
+      lambda graphdef: make_train_step(graphdef, c.train.grad_accum, schedule,
+                                       c.train.prompt_loss_weight),
+      topology=topo, log=log)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'aot.json'), 'w') as f:
+      json.dump(report, f, indent=2)
+  return report
+
+
+def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = None,
+          log=_print) -> dict[str, Any]:
+  if topology and not aot_only:
+    raise ConfigError(f'--topology={topology} only applies with --aot_only (it compiles for '
+                      f'TPUs that are not here)')
+  if aot_only:
+    return compile_only(c, workdir, topology, log)
   if c.distributed:
     initialize_distributed()
   cfg = model_config(c)
@@ -322,32 +385,10 @@ def train(c, workdir: str, *, aot_only: bool = False, log=_print) -> dict[str, A
   state = jax.device_put(state, shardings)
   seq_sharded = shape[shd.MESH_AXES.index('context')] > 1
   batch_sharding = NamedSharding(mesh, shd.batch_spec(seq_sharded))
-  step_fn = jax.jit(make_train_step(graphdef, c.train.grad_accum, schedule),
+  step_fn = jax.jit(make_train_step(graphdef, c.train.grad_accum, schedule,
+                                    c.train.prompt_loss_weight),
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                     donate_argnums=0)
-
-  if aot_only:
-    batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), jnp.int32,
-                                     sharding=batch_sharding)
-             for k in ('inputs', 'targets', 'loss_mask', 'positions', 'segment_ids')}
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, shardings)
-    with jax.set_mesh(mesh):
-      compiled = step_fn.lower(abstract, batch).compile()
-    mem = compiled.memory_analysis()
-    report = {'mesh': dict(zip(shd.MESH_AXES, shape)), 'devices': mesh.size,
-              'device_kind': jax.devices()[0].device_kind,
-              'argument_bytes': int(mem.argument_size_in_bytes),
-              'output_bytes': int(mem.output_size_in_bytes),
-              'temp_bytes': int(mem.temp_size_in_bytes),
-              'alias_bytes': int(mem.alias_size_in_bytes)}
-    report['total_bytes_per_device'] = (report['argument_bytes'] + report['output_bytes'] +
-                                        report['temp_bytes'] - report['alias_bytes'])
-    log(f'[aot] {cfg.num_params() / 1e9:.2f}B params, seq_len {c.data.seq_len}, global batch '
-        f'{c.train.batch_size}, mesh {report["mesh"]}: '
-        f'{report["total_bytes_per_device"] / 2**30:.2f} GiB per device (arguments '
-        f'{report["argument_bytes"] / 2**30:.2f}, temporaries {report["temp_bytes"] / 2**30:.2f})')
-    return report
 
   data_cfg = DataConfig.from_dict({**c.data.to_dict(), 'global_batch_size': c.train.batch_size})
   dataset = make_dataset(data_cfg, tokenizer, process_index=jax.process_index(),
@@ -468,9 +509,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save step at INFO
   workdir = _FLAGS['workdir'].value or os.environ.get('WORKDIR') or 'runs/default'
   try:
-    train(_FLAGS['config'].value, workdir, aot_only=_FLAGS['aot_only'].value)
+    train(_FLAGS['config'].value, workdir, aot_only=_FLAGS['aot_only'].value,
+          topology=_FLAGS['topology'].value)
   except ConfigError as e:
     sys.exit(f'config error: {e}')
+  except ValueError as e:   # jaxlm.aot.TopologyError: a bad --topology or no libtpu
+    if type(e).__name__ != 'TopologyError':
+      raise
+    sys.exit(f'topology error: {e}')
 
 
 if __name__ == '__main__':

@@ -104,6 +104,28 @@ def test_loss_ignores_prompt_targets():
   assert float(trainer.loss_sums(model, changed_answer)[0]) != float(base)
 
 
+def test_prompt_loss_weight_adds_the_prompt_tokens_cross_entropy():
+  model = init_model(get_config('tiny'))
+  rs = np.random.RandomState(2)
+  tokens = rs.randint(0, 512, (2, 17)).astype(np.int32)
+  mask = np.zeros((2, 16), np.int32)
+  mask[:, 10:14] = 1
+  seg = np.ones((2, 16), np.int32)
+  seg[1, 14:] = 0                                     # padding: never in any loss
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': mask,
+           'positions': np.tile(np.arange(16, dtype=np.int32), (2, 1)), 'segment_ids': seg}
+  logits = np.asarray(model(batch['inputs'], batch['positions'], segment_ids_BxT=seg), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  ce = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  answer, prompt = (ce * mask).sum(), (ce * (1 - mask) * seg).sum()
+  obj, (n, _, ans) = trainer.loss_sums(model, batch, prompt_weight=0.25)
+  assert int(n) == 8
+  np.testing.assert_allclose([float(obj), float(ans)], [answer + 0.25 * prompt, answer], rtol=1e-5)
+  padded = dict(batch, targets=np.where(seg == 0, 7, batch['targets']))
+  np.testing.assert_array_equal(trainer.loss_sums(model, padded, prompt_weight=0.25)[0], obj)
+
+
 @pytest.mark.parametrize('section, field, value, match', [
     ('mesh', 'fsdp', 3, r'mesh .* has 3 devices but 1 are available'),
     ('train', 'batch_size', 6, r'train.batch_size=6 is not divisible by data\*fsdp=4'),
@@ -220,7 +242,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   trainer.train(c, str(tmp_path), log=lambda s: None)
   real = trainer.loss_sums
   monkeypatch.setattr(trainer, 'loss_sums',
-                      lambda model, batch: (lambda l, aux: (l * jnp.nan, aux))(*real(model, batch)))
+                      lambda model, batch, **kw: (lambda l, aux: (l * jnp.nan, aux))(
+                          *real(model, batch, **kw)))
   c.train.steps = 4
   with pytest.raises(FloatingPointError, match=r'non-finite loss nan at step 3; stopping. '
                                                r'The last good checkpoint \(step 2\) is kept'):
