@@ -159,18 +159,20 @@ def make_train_step(graphdef, grad_accum: int, schedule, prompt_loss_weight: flo
                                      prompt_weight=prompt_loss_weight), has_aux=True)
 
     def accumulate(carry, mb):
-      grads, loss, count, correct = carry
-      (_, (n, c, l)), g = grad_fn(params, mb)
-      return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, correct + c), None
+      grads, objective, loss, count, correct = carry
+      (o, (n, c, l)), g = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, grads, g), objective + o, loss + l, count + n,
+              correct + c), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    (grads, loss, count, correct), _ = jax.lax.scan(accumulate, init, micro)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    (grads, objective, loss, count, correct), _ = jax.lax.scan(accumulate, init, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     step = optimizer.step[...]
     optimizer.update(model, grads)
-    metrics = {'loss': loss / denom, 'token_accuracy': correct / denom,
+    metrics = {'loss': loss / denom, 'objective': objective / denom,
+               'token_accuracy': correct / denom,
                'answer_tokens': count, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(step)}
     return nnx.state((model, optimizer)), metrics
@@ -416,7 +418,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
                  for k, v in local.items()}
         state, metrics = step_fn(state, batch)
         step += 1
-        loss = float(metrics['loss'])
+        loss = float(metrics['objective'])   # = the answer loss unless prompt_loss_weight
         if not math.isfinite(loss):
           raise FloatingPointError(
               f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint '
