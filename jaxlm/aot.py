@@ -26,6 +26,7 @@ efficiency are not in the bound.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -113,6 +114,10 @@ def topology_devices(topo: Topology):
   except ImportError:
     raise TopologyError(LIBTPU_HINT) from None
   from jax.experimental import topologies
+  # No TPU is used: let this process load libtpu even when another holds its lockfile
+  # (another compile, a test run), and name this host as its only worker.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   try:
     desc = topologies.get_topology_desc(platform='tpu', topology_name=topo.topology_name,
                                         num_slices=topo.slices)

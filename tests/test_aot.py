@@ -13,11 +13,17 @@ from jaxlm import train as trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# launch/test.sh installs libtpu into .venv/tpu-extra (not site-packages: with libtpu
+# importable, every plain `import jax` run would probe for a TPU and print warnings).
+TPU_EXTRA = os.path.join(ROOT, '.venv', 'tpu-extra')
+if os.path.isdir(TPU_EXTRA) and TPU_EXTRA not in sys.path:
+  sys.path.append(TPU_EXTRA)
 try:
   import libtpu  # noqa: F401
   NO_LIBTPU = None
 except ImportError as e:
-  NO_LIBTPU = f'libtpu is not installed (pip install -r requirements-tpu.txt failed: {e})'
+  NO_LIBTPU = (f'libtpu could not be installed here (launch/test.sh puts it in '
+               f'.venv/tpu-extra from requirements-tpu.txt): {e}')
 
 
 def _report(tmp_path, **fields):

@@ -54,6 +54,15 @@ def test_two_and_four_processes_match_one_and_resume(tmp_path):
   assert step == 6
   _close(params, ref_params)
 
+  # The 2-process checkpoint restores in one process on 4 devices and training goes on;
+  # the data-iterator state belongs to 2 processes, so the data stream restarts (warned).
+  more = run_cli(tmp_path / 'two', '--config.mesh.devices=4', '--config.train.steps=8',
+                 *SAME_BATCH)
+  assert more.returncode == 0 and 'resumed from step 6' in more.stdout, more.stderr[-2000:]
+  assert 'data stream restarts' in more.stdout
+  step, params = final_params(tmp_path / 'two')
+  assert step == 8 and all(np.isfinite(v).all() for v in params.values())
+
 
 def test_multiprocess_failure_stops_every_process(tmp_path):
   r = _launch('launch/multiprocess.sh', '2', 'tests/train_config.py', f'--workdir={tmp_path}/w',
