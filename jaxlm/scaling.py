@@ -24,7 +24,6 @@ config error, out of memory) is kept with its reason.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import shutil
@@ -32,6 +31,8 @@ import statistics
 import sys
 import time
 from typing import Any
+
+from jaxlm import report
 
 COLUMNS = ('seq_len', 'attention', 'devices', 'mesh', 'status', 'step_time_s', 'tokens_per_s',
            'model_tflops_per_s', 'mfu', 'memory_gib_per_device', 'temp_gib_per_device')
@@ -107,25 +108,8 @@ def _capacity_per_device(num_devices: int) -> float | None:
   return stats.get('bytes_limit')
 
 
-def _fmt(v) -> str:
-  if v is None:
-    return ''
-  if isinstance(v, float):
-    return f'{v:.4g}'
-  return str(v)
-
-
 def write_outputs(out: str, rows: list[dict[str, Any]]) -> str:
-  with open(os.path.join(out, 'scaling.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
-  md = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-  md += ['| ' + ' | '.join(_fmt(r.get(k)) for k in COLUMNS) + ' |' for r in rows]
-  text = '\n'.join(md) + '\n'
-  with open(os.path.join(out, 'scaling.md'), 'w') as f:
-    f.write(text)
+  text = report.write_table(os.path.join(out, 'scaling'), COLUMNS, rows)
   _plot(os.path.join(out, 'scaling.png'), rows)
   return text
 
@@ -184,8 +168,8 @@ def run_study(base, seq_lens, attentions, devices, out: str, *, steps: int = 4,
     rows.append(row)
     eta = (time.time() - t0) / (i + 1) * (len(grid) - i - 1)
     log(f'[scaling] {i + 1}/{len(grid)} {name}: ' + (
-        f'{_fmt(row.get("tokens_per_s"))} tok/s, ' if 'tokens_per_s' in row else '') + (
-        f'{_fmt(row.get("memory_gib_per_device"))} GiB/device' if row['status'] == 'ok'
+        f'{report.fmt(row.get("tokens_per_s"))} tok/s, ' if 'tokens_per_s' in row else '') + (
+        f'{report.fmt(row.get("memory_gib_per_device"))} GiB/device' if row['status'] == 'ok'
         else row['status'][:200]) + f' (ETA {eta:.0f}s)')
   text = write_outputs(out, rows)
   log(text + f'[scaling] wrote {out}/scaling.csv, scaling.md, scaling.png')
@@ -221,13 +205,16 @@ def main(argv=None) -> None:
     os.environ['JAX_PLATFORMS'] = 'cpu'
     os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={a.cpu_devices} '
                                + os.environ.get('XLA_FLAGS', ''))
-  from jaxlm.sweep import _load
+  from jaxlm.train import load_config_file
   from jaxlm.attention import IMPLEMENTATIONS
   attentions = [x for x in a.attention.split(',') if x]
   bad = [x for x in attentions if x not in IMPLEMENTATIONS]
   if bad:
     raise SystemExit(f'--attention {bad}: unknown; known kernels are {list(IMPLEMENTATIONS)}')
-  base = _load(a.config)
+  try:
+    base = load_config_file(a.config)
+  except ValueError as e:
+    raise SystemExit(f'scaling error: {e}') from None
   for s in a.set:
     field, sep, value = s.partition('=')
     node, *path = field.split('.')

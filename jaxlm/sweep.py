@@ -23,7 +23,6 @@ first grid field, one line per combination of the others.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import os
@@ -33,6 +32,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from jaxlm import report
 
 DONE = 'sweep_done.json'
 COLUMNS = ('step', 'loss', 'accuracy', 'value_accuracy', 'tokens_per_s', 'mfu')
@@ -134,28 +135,10 @@ def collect_run(run_dir: str) -> dict[str, Any] | None:
   return row
 
 
-def _fmt(v) -> str:
-  if v is None:
-    return ''
-  if isinstance(v, float):
-    return f'{v:.4g}'
-  return str(v)
-
-
 def write_table(workdir: str, grid: dict[str, list[str]], rows: list[dict[str, Any]],
                 metric: str) -> str:
-  fields = list(grid)
-  head = ['run', *fields, 'status', *COLUMNS]
-  with open(os.path.join(workdir, 'sweep.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=head)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: _fmt(r.get(k)) for k in head})
-  md = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  md += ['| ' + ' | '.join(_fmt(r.get(k)) for k in head) + ' |' for r in rows]
-  text = '\n'.join(md) + '\n'
-  with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
-    f.write(text)
+  head = ['run', *grid, 'status', *COLUMNS]
+  text = report.write_table(os.path.join(workdir, 'sweep'), head, rows)
   _plot(os.path.join(workdir, 'sweep.png'), grid, rows, metric)
   return text
 
@@ -268,21 +251,14 @@ def main(argv=None) -> None:
         raise SweepError(f'--set {s!r} is not FIELD=VALUE')
     if not os.path.exists(a.config):
       raise SweepError(f'config file {a.config!r} not found')
-    check_fields(_load(a.config), grid)
+    from jaxlm.train import load_config_file
+    check_fields(load_config_file(a.config), grid)
     rows = run_sweep(a.config, grid, a.workdir, fixed=a.set, mode=a.run, launcher=a.launcher,
                      metric=a.metric)
   except SweepError as e:
     sys.exit(f'sweep error: {e}')
   if any(r['status'].startswith('failed') for r in rows):
     sys.exit(1)
-
-
-def _load(path: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
 
 
 if __name__ == '__main__':

@@ -57,6 +57,17 @@ def _define_flags() -> None:
       '2xv5p-32 for two slices) instead of this machine; needs libtpu')
 
 
+def load_config_file(path: str):
+  """get_config() of a config file (configs/NAME.py), as --config=PATH would load it."""
+  import importlib.util
+  if not os.path.exists(path):
+    raise ConfigError(f'config file {path!r} not found')
+  spec = importlib.util.spec_from_file_location('_jaxlm_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 class ConfigError(ValueError):
   """A configuration that cannot run; the message names the field and value."""
 

@@ -19,12 +19,13 @@ some case fits. Needs libtpu (requirements-tpu.txt). Compiles are slow on a smal
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import sys
 import time
 from typing import Any
+
+from jaxlm import report
 
 COLUMNS = ('topology', 'seq_len', 'attention', 'remat', 'mesh', 'fits', 'gib_per_device',
            'hbm_gib', 'arguments_gib', 'temporaries_gib', 'step_time_lower_bound_s',
@@ -89,16 +90,6 @@ def run_case(topology: str, seq_len: int, attention: str, remat: str,
   return row
 
 
-def _fmt(v) -> str:
-  if v is None:
-    return ''
-  if isinstance(v, bool):
-    return 'yes' if v else 'NO'
-  if isinstance(v, float):
-    return f'{v:.3g}'
-  return str(v)
-
-
 def smallest_fitting(rows, order: list[str]) -> dict[int, str | None]:
   out = {}
   for T in sorted({r['seq_len'] for r in rows}):
@@ -110,13 +101,7 @@ def smallest_fitting(rows, order: list[str]) -> dict[int, str | None]:
 
 
 def write_outputs(out: str, rows, order: list[str]) -> str:
-  with open(os.path.join(out, 'fit.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
-  md = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-  md += ['| ' + ' | '.join(_fmt(r.get(k)) for k in COLUMNS) + ' |' for r in rows]
+  md = report.write_table(os.path.join(out, 'fit'), COLUMNS, rows).splitlines()
   md.append('')
   for T, r in smallest_fitting(rows, order).items():
     md.append(f'- {T} tokens: ' + (
@@ -190,7 +175,7 @@ def main(argv=None) -> None:
     r = rows[-1]
     eta = (time.time() - t0) / (i + 1) * (len(cases) - i - 1)
     print(f'[fit] {i + 1}/{len(cases)} {t} T={T} {attn} remat={remat} mesh {r["mesh"]}: '
-          + (f'{r["gib_per_device"]:.1f} GiB/device, fits {_fmt(r["fits"])}'
+          + (f'{r["gib_per_device"]:.1f} GiB/device, fits {report.fmt(r["fits"])}'
              if r.get('gib_per_device') else r['status'])
           + f' (ETA {eta / 60:.0f} min)', flush=True)
     write_outputs(a.out, rows, tops)   # partial results survive an interruption
