@@ -33,12 +33,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Per-chip figures (public Cloud TPU specs): bf16 peak FLOP/s, HBM bytes, the device_kind
-# libtpu reports, TensorCores counted in the accelerator-type number per device.
+# Per chip: bf16 peak FLOP/s (public Cloud TPU specs); HBM as the TPU compiler counts it
+# available (libtpu 0.0.42.1 reports 95.74G, 15.75G and 31.25G in its out-of-memory
+# messages: GiB, a little under the physical 96, 16 and 32 GiB); the device_kind libtpu
+# reports; TensorCores per device in the accelerator-type number (v5p-8 = 4 chips).
 CHIPS = {
-    'v5p': dict(peak=459e12, hbm=95e9, kind='TPU v5', cores_per_device=2, dims=3),
-    'v5e': dict(peak=197e12, hbm=16e9, kind='TPU v5 lite', cores_per_device=1, dims=2),
-    'v6e': dict(peak=918e12, hbm=32e9, kind='TPU v6 lite', cores_per_device=1, dims=2),
+    'v5p': dict(peak=459e12, hbm=95.74 * 2**30, kind='TPU v5', cores_per_device=2, dims=3),
+    'v5e': dict(peak=197e12, hbm=15.75 * 2**30, kind='TPU v5 lite', cores_per_device=1,
+                dims=2),
+    'v6e': dict(peak=918e12, hbm=31.25 * 2**30, kind='TPU v6 lite', cores_per_device=1,
+                dims=2),
 }
 ALIASES = {'v5litepod': 'v5e'}
 LIBTPU_HINT = ('the TPU topology path needs libtpu: pip install -r requirements-tpu.txt '

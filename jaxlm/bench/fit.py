@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -165,13 +166,28 @@ def main(argv=None) -> None:
   os.makedirs(a.out, exist_ok=True)
   cases = list(itertools.product(tops, [int(x) for x in a.seq_lens.split(',')],
                                  a.attention.split(','), a.remat.split(',')))
-  rows, t0, fitted = [], time.time(), set()
+  # Finished cases are kept in fit.json: a rerun with the same --out skips them.
+  done_path = os.path.join(a.out, 'fit.json')
+  done = {}
+  if os.path.exists(done_path):
+    with open(done_path) as f:
+      done = {tuple(r['key']): r for r in json.load(f)}
+  rows, t0, fitted, too_big = [], time.time(), set(), set()
   for i, (t, T, attn, remat) in enumerate(cases):
     if not a.all and (T, attn, remat) in fitted:
       continue   # a smaller topology already fits this case
-    rows.append(run_case(t, T, attn, remat, a.layers, os.path.join(a.out, 'aot')))
-    if rows[-1].get('fits'):
+    if not a.all and any(t == bt and T > bT and (attn, remat) == k for bt, bT, k in too_big):
+      continue   # a shorter context already does not fit this topology
+    key = (t, T, attn, remat, a.layers)
+    row = done.get(key) or run_case(t, T, attn, remat, a.layers, os.path.join(a.out, 'aot'))
+    done[key] = {**row, 'key': list(key)}
+    with open(done_path, 'w') as f:
+      json.dump(list(done.values()), f, indent=1)
+    rows.append(row)
+    if row.get('fits'):
       fitted.add((T, attn, remat))
+    elif row.get('fits') is False:
+      too_big.add((t, T, (attn, remat)))
     r = rows[-1]
     eta = (time.time() - t0) / (i + 1) * (len(cases) - i - 1)
     print(f'[fit] {i + 1}/{len(cases)} {t} T={T} {attn} remat={remat} mesh {r["mesh"]}: '
