@@ -21,13 +21,15 @@ def test_study_rows_table_and_plot(tmp_path):
   assert sum(l.startswith('[scaling] ') and 'ETA' in l for l in logged) == 2
   with open(tmp_path / 'scaling.csv') as f:
     assert len(list(csv.DictReader(f))) == 2
+  assert (tmp_path / 'scaling.png').stat().st_size > 0
+  assert '| 256 | ring | 2 | context2 | ok |' in (tmp_path / 'scaling.md').read_text()
   # Each row is a fresh run (a rerun into the same directory must not resume the old one).
   again = scaling.run_study(base, [128], ['ring'], [2], str(tmp_path), steps=2,
                             log=lambda _: None)
   assert again[0]['status'] == 'ok'
   assert [json.loads(l)['step'] for l in open(tmp_path / 'T128-ring-d2' / 'metrics.jsonl')] == [1, 2]
-  assert (tmp_path / 'scaling.png').stat().st_size > 0
-  assert '| 256 | ring | 2 | context2 | ok |' in (tmp_path / 'scaling.md').read_text()
+  # The rerun's table holds the rerun's rows only.
+  assert '| 256 |' not in (tmp_path / 'scaling.md').read_text()
 
 
 def test_rows_that_cannot_run_are_kept_with_the_reason(tmp_path):
