@@ -1,0 +1,180 @@
+"""How fast does a tiny Mistral learn associative recall? The CPU demo's bottleneck, isolated.
+
+The demo (configs/tiny_kv.py) has to learn key matching from scratch in ten CPU minutes.
+This script strips the task to its core, multi-query associative recall on random token
+ids, and trains the same jaxlm Mistral on it, so the factors that decide how many steps
+matching takes can be varied one at a time:
+
+  --pairs      key-value pairs per sequence (the distractors)
+  --keys       distinct key tokens; --values: distinct value tokens (disjoint id ranges)
+  --format     how a pair and a query look (the query is `Q k ...`, its value is the target):
+               adjacent:  context `k v`,   query `Q k -> v`  (the key is the current token
+                          when the value is predicted: one induction step)
+               separator: context `k : v`, query `Q k is -> v` (the paper's layout: the key is
+                          one token back on the query side, two on the context side)
+               shifted:   context `k v`,   query `Q k is -> v`
+
+Every pair is queried once, in random order, after the context; loss and accuracy are on
+the value tokens only. `--model=reference` trains a minimal pre-norm transformer written
+here in plain jax (RoPE, SwiGLU, untied head, same sizes) instead of jaxlm's Mistral: an
+independent check that slow learning is a property of the task, not of jaxlm. Prints a line per tenth of the run with loss, value accuracy and
+time, and the step at which accuracy first reached --target.
+
+  python -m jaxlm.bench.recall --pairs=8 --keys=10 --values=10 --format=adjacent
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxlm import model as mistral
+
+FORMATS = ('adjacent', 'separator', 'shifted')
+SEP, QUERY, IS = 300, 301, 302   # token ids of ':', the query marker and 'is'
+KEY0, VALUE0 = 3, 150            # keys are ids KEY0.., values VALUE0.. (disjoint ranges)
+
+
+def make_batch(rng: np.random.Generator, batch: int, pairs: int, keys: int, values: int,
+               fmt: str):
+  rows, masks = [], []
+  for _ in range(batch):
+    k = rng.choice(keys, pairs, replace=False) + KEY0
+    v = rng.integers(0, values, pairs) + VALUE0
+    toks = []
+    for a, b in zip(k, v):
+      toks += [a, SEP, b] if fmt == 'separator' else [a, b]
+    mask = [0] * len(toks)
+    for j in rng.permutation(pairs):
+      q = [QUERY, k[j]] if fmt == 'adjacent' else [QUERY, k[j], IS]
+      toks += q + [v[j]]
+      mask += [0] * len(q) + [1]
+    rows.append(toks)
+    masks.append(mask)
+  t, m = np.array(rows, np.int32), np.array(masks, np.float32)
+  return t[:, :-1], t[:, 1:], m[:, 1:]
+
+
+class Reference(nnx.Module):
+  """A minimal causal transformer in plain jax ops, independent of jaxlm.model."""
+
+  def __init__(self, vocab: int, hidden: int, layers: int, heads: int, init: float,
+               rngs: nnx.Rngs):
+    w = lambda *shape: nnx.Param(init * jax.random.normal(rngs.params(), shape))
+    self.heads, self.layers = heads, layers
+    self.embed, self.head = w(vocab, hidden), w(hidden, vocab)
+    self.qkv = nnx.List([w(hidden, 3 * hidden) for _ in range(layers)])
+    self.out = nnx.List([w(hidden, hidden) for _ in range(layers)])
+    self.up = nnx.List([w(hidden, 4 * hidden) for _ in range(layers)])
+    self.down = nnx.List([w(2 * hidden, hidden) for _ in range(layers)])
+
+  def __call__(self, tokens, positions):
+    norm = lambda x: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5)
+    h = self.embed[...][tokens]
+    b, t, d = h.shape
+    hd = d // self.heads
+    angle = positions[..., None] * 1e4 ** (-jnp.arange(0, hd, 2) / hd)
+    cos, sin = jnp.cos(angle)[:, :, None], jnp.sin(angle)[:, :, None]
+
+    def rope(x):
+      x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+      return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    for i in range(self.layers):
+      q, k, v = jnp.split(norm(h) @ self.qkv[i][...], 3, -1)
+      q, k, v = (z.reshape(b, t, self.heads, hd) for z in (q, k, v))
+      a = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True)
+      h = h + a.reshape(b, t, d) @ self.out[i][...]
+      gate, up = jnp.split(norm(h) @ self.up[i][...], 2, -1)
+      h = h + (jax.nn.silu(gate) * up) @ self.down[i][...]
+    return norm(h) @ self.head[...]
+
+
+def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
+        steps: int = 1200, batch: int = 32, lr: float = 3e-3, layers: int = 2,
+        hidden: int = 64, heads: int = 4, init: float = 0.125, seed: int = 0,
+        target: float = 0.95, model_name: str = 'jaxlm', log=print) -> dict:
+  if fmt not in FORMATS:
+    raise ValueError(f'--format={fmt!r} must be one of {FORMATS}')
+  if keys < pairs:
+    raise ValueError(f'--keys={keys} is fewer than --pairs={pairs}: keys must be distinct')
+  if keys > VALUE0 - KEY0 or values > SEP - VALUE0:
+    raise ValueError(f'--keys={keys} must be <= {VALUE0 - KEY0} and --values={values} '
+                     f'<= {SEP - VALUE0}')
+  if hidden % heads:
+    raise ValueError(f'--hidden={hidden} is not divisible by --heads={heads}')
+  cfg = mistral.MistralConfig(
+      vocab_size=384, hidden_size=hidden, num_layers=layers, num_heads=heads,
+      num_kv_heads=heads, head_dim=hidden // heads, intermediate_size=2 * hidden,
+      sliding_window=None, max_position_embeddings=1024, initializer_range=init)
+  if model_name == 'jaxlm':
+    model = mistral.init_model(cfg, seed)
+  elif model_name == 'reference':
+    model = Reference(384, hidden, layers, heads, init, nnx.Rngs(seed))
+  else:
+    raise ValueError(f"--model={model_name!r} must be 'jaxlm' or 'reference'")
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps)
+  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.01), wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+
+  @nnx.jit
+  def step(model, optimizer, x, y, m):
+    def loss_fn(model):
+      logits = model(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape))
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      acc = jnp.sum((logits.argmax(-1) == y) * m) / jnp.sum(m)
+      return jnp.sum(ce * m) / jnp.sum(m), acc
+    (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return loss, acc
+
+  t0, reached, history = time.perf_counter(), None, []
+  every = max(1, steps // 10)
+  for i in range(1, steps + 1):
+    loss, acc = step(model, optimizer,
+                     *map(jnp.asarray, make_batch(rng, batch, pairs, keys, values, fmt)))
+    if i % every == 0 or i == steps:
+      loss, acc = float(loss), float(acc)
+      history.append({'step': i, 'loss': loss, 'accuracy': acc})
+      if reached is None and acc >= target:
+        reached = i
+      elapsed = time.perf_counter() - t0
+      log(f'[recall] step {i}/{steps} loss {loss:.3f} value accuracy {acc:.3f} '
+          f'{i / elapsed:.1f} steps/s ETA {(steps - i) * elapsed / i:.0f}s')
+  return {'model': model_name, 'pairs': pairs, 'keys': keys, 'values': values, 'format': fmt, 'steps': steps,
+          'final_accuracy': history[-1]['accuracy'], 'reached_target_at': reached,
+          'history': history}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--pairs', type=int, default=8)
+  p.add_argument('--keys', type=int, default=10)
+  p.add_argument('--values', type=int, default=10)
+  p.add_argument('--format', default='adjacent', choices=FORMATS)
+  p.add_argument('--steps', type=int, default=1200)
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--lr', type=float, default=3e-3)
+  p.add_argument('--layers', type=int, default=2)
+  p.add_argument('--hidden', type=int, default=64)
+  p.add_argument('--heads', type=int, default=4)
+  p.add_argument('--init', type=float, default=0.125)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--target', type=float, default=0.95)
+  p.add_argument('--model', default='jaxlm', choices=('jaxlm', 'reference'))
+  a = p.parse_args(argv)
+  r = run(a.pairs, a.keys, a.values, a.format, a.steps, a.batch, a.lr, a.layers, a.hidden,
+          a.heads, a.init, a.seed, a.target, a.model)
+  print(f"[recall] {r['model']} pairs={r['pairs']} keys={r['keys']} values={r['values']} "
+        f"format={r['format']}: final value accuracy {r['final_accuracy']:.3f}, "
+        f"reached {a.target:.0%} at step {r['reached_target_at']}")
+
+
+if __name__ == '__main__':
+  main()
