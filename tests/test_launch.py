@@ -4,7 +4,6 @@ import os
 import subprocess
 
 import numpy as np
-import pytest
 
 from test_train import final_params, run_cli
 

@@ -7,7 +7,7 @@ from flax import nnx
 
 from conftest import hf_logits, make_hf_model
 from jaxlm import convert
-from jaxlm.model import MistralConfig, get_config, init_model
+from jaxlm.model import get_config, init_model
 
 
 @pytest.mark.parametrize('overrides', [

@@ -3,7 +3,6 @@ another mesh, loss masking, config errors, corrupted checkpoints, learning."""
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 

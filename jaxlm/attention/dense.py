@@ -9,7 +9,6 @@ sequence layouts that are permuted for load balancing.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def make_mask(

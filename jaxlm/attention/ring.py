@@ -204,7 +204,7 @@ def ring_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, q_positions_BxT, kv_posit
   if T % (2 * n):
     raise ValueError(f'mesh context={n} but seq_len={T} is not divisible by 2*{n} '
                      f'(the zigzag layout cuts the sequence into 2*context chunks)')
-  H, K = q_BxTxHxD.shape[2], k_BxTxKxD.shape[2]
+  K = k_BxTxKxD.shape[2]
   head_axis = 'tensor' if 'tensor' in mesh.axis_names and mesh.shape['tensor'] > 1 and \
       K % mesh.shape['tensor'] == 0 and axis != 'tensor' else None
   batch_axes, size = [], 1

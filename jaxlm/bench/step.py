@@ -109,7 +109,7 @@ def main(argv=None):
     rows.append((f'transformers {__import__("transformers").__version__} '
                  f'(torch {torch.__version__}, {torch.get_num_threads()} threads)',
                  bench_torch(cfg, tokens, args.warmup, args.steps)))
-  print(f'| implementation | median step (s) | min step (s) | tokens/s |')
+  print('| implementation | median step (s) | min step (s) | tokens/s |')
   print('|---|---|---|---|')
   medians = []
   for name, times in rows:
