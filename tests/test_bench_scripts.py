@@ -1,4 +1,6 @@
 """The benchmark scripts still run (tiny sizes; their numbers live in BENCHMARKS.md)."""
+import pytest
+
 from jaxlm.bench import attention_check, data, step
 
 
@@ -43,6 +45,25 @@ def test_recall_batches_ask_every_key_for_its_own_value():
       assert len(answers) == 5
       key_back = 1 if fmt == 'adjacent' else 2
       assert {int(row[a - key_back]): int(row[a]) for a in answers} == context
+
+
+def test_recall_headers_and_distinct_values():
+  import numpy as np
+  from jaxlm.bench import recall
+  x, y, m = recall.make_batch(np.random.default_rng(0), 4, 6, 8, 6, 'adjacent', dicts=3,
+                              distinct_values=True)
+  tokens = np.concatenate([x[:, :1], y], 1)
+  for row, mask in zip(tokens, m):
+    context = row[:6 * 2 + 3]
+    assert [int(t) for t in context[::5]] == [recall.HEADER0 + i for i in range(3)]
+    values = [int(t) for t in context if recall.VALUE0 <= t < recall.SEP]
+    assert sorted(values) == list(range(recall.VALUE0, recall.VALUE0 + 6))   # a permutation
+    answers = np.flatnonzero(mask) + 1
+    pairs = {int(context[i]): int(context[i + 1]) for i in range(len(context) - 1)
+             if recall.KEY0 <= context[i] < recall.VALUE0}
+    assert {int(row[a - 1]): int(row[a]) for a in answers} == pairs
+  with pytest.raises(ValueError, match='--dicts=4 must divide --pairs=6'):
+    recall.run(pairs=6, dicts=4, steps=1)
 
 
 def test_recall_benchmark_learns_the_easy_case(capsys):

@@ -13,6 +13,14 @@ matching takes can be varied one at a time:
                separator: context `k : v`, query `Q k is -> v` (the paper's layout: the key is
                           one token back on the query side, two on the context side)
                shifted:   context `k v`,   query `Q k is -> v`
+  --dicts      split the pairs into this many groups, each opened by its own header token
+               (`Dictionary [i]` in miniature: pairs no longer sit on a fixed position grid)
+  --distinct_values  draw the values without replacement (no two pairs share a value)
+  --mapped_query  the query names key k by a different token (id k + --keys), so the model
+               must learn which query token goes with which context key (the tokenizer of
+               run D1-tok has such a pair of pieces per key: `K: ` and `K is `)
+  --then_format, --switch_at  a curriculum: --format for the first --switch_at steps, then
+               --then_format (does a circuit learned in the easy layout carry over?)
 
 Every pair is queried once, in random order, after the context; loss and accuracy are on
 the value tokens only. `--model=reference` trains a minimal pre-norm transformer written
@@ -39,20 +47,26 @@ from jaxlm import model as mistral
 FORMATS = ('adjacent', 'separator', 'shifted')
 SEP, QUERY, IS = 300, 301, 302   # token ids of ':', the query marker and 'is'
 KEY0, VALUE0 = 3, 150            # keys are ids KEY0.., values VALUE0.. (disjoint ranges)
+HEADER0 = 310                    # group headers HEADER0 + i
 
 
 def make_batch(rng: np.random.Generator, batch: int, pairs: int, keys: int, values: int,
-               fmt: str):
+               fmt: str, dicts: int = 0, distinct_values: bool = False,
+               mapped_query: bool = False):
   rows, masks = [], []
   for _ in range(batch):
     k = rng.choice(keys, pairs, replace=False) + KEY0
-    v = rng.integers(0, values, pairs) + VALUE0
+    v = (rng.choice(values, pairs, replace=False) if distinct_values
+         else rng.integers(0, values, pairs)) + VALUE0
     toks = []
-    for a, b in zip(k, v):
+    for i, (a, b) in enumerate(zip(k, v)):
+      if dicts and i % (pairs // dicts) == 0:
+        toks.append(HEADER0 + i // (pairs // dicts))
       toks += [a, SEP, b] if fmt == 'separator' else [a, b]
     mask = [0] * len(toks)
     for j in rng.permutation(pairs):
-      q = [QUERY, k[j]] if fmt == 'adjacent' else [QUERY, k[j], IS]
+      qk = k[j] + keys if mapped_query else k[j]
+      q = [QUERY, qk] if fmt == 'adjacent' else [QUERY, qk, IS]
       toks += q + [v[j]]
       mask += [0] * len(q) + [1]
     rows.append(toks)
@@ -99,9 +113,18 @@ class Reference(nnx.Module):
 def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
         steps: int = 1200, batch: int = 32, lr: float = 3e-3, layers: int = 2,
         hidden: int = 64, heads: int = 4, init: float = 0.125, seed: int = 0,
-        target: float = 0.95, model_name: str = 'jaxlm', log=print) -> dict:
-  if fmt not in FORMATS:
-    raise ValueError(f'--format={fmt!r} must be one of {FORMATS}')
+        target: float = 0.95, model_name: str = 'jaxlm', dicts: int = 0,
+        distinct_values: bool = False, then_format: str | None = None, switch_at: int = 0,
+        mapped_query: bool = False, log=print) -> dict:
+  for name, f in (('format', fmt), ('then_format', then_format or fmt)):
+    if f not in FORMATS:
+      raise ValueError(f'--{name}={f!r} must be one of {FORMATS}')
+  if dicts and (dicts > pairs or pairs % dicts):
+    raise ValueError(f'--dicts={dicts} must divide --pairs={pairs}')
+  if mapped_query and 2 * keys > VALUE0 - KEY0:
+    raise ValueError(f'--mapped_query needs 2 * --keys <= {VALUE0 - KEY0}, got --keys={keys}')
+  if distinct_values and values < pairs:
+    raise ValueError(f'--distinct_values needs --values={values} >= --pairs={pairs}')
   if keys < pairs:
     raise ValueError(f'--keys={keys} is fewer than --pairs={pairs}: keys must be distinct')
   if keys > VALUE0 - KEY0 or values > SEP - VALUE0:
@@ -137,8 +160,12 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
   t0, reached, history = time.perf_counter(), None, []
   every = max(1, steps // 10)
   for i in range(1, steps + 1):
-    loss, acc = step(model, optimizer,
-                     *map(jnp.asarray, make_batch(rng, batch, pairs, keys, values, fmt)))
+    f = then_format if then_format and i > switch_at else fmt
+    if then_format and i == switch_at + 1:
+      log(f'[recall] step {i}: switching from --format={fmt} to {then_format}')
+      reached = None   # the target now counts in the new layout
+    loss, acc = step(model, optimizer, *map(jnp.asarray, make_batch(
+        rng, batch, pairs, keys, values, f, dicts, distinct_values, mapped_query)))
     if i % every == 0 or i == steps:
       loss, acc = float(loss), float(acc)
       history.append({'step': i, 'loss': loss, 'accuracy': acc})
@@ -147,7 +174,9 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
       elapsed = time.perf_counter() - t0
       log(f'[recall] step {i}/{steps} loss {loss:.3f} value accuracy {acc:.3f} '
           f'{i / elapsed:.1f} steps/s ETA {(steps - i) * elapsed / i:.0f}s')
-  return {'model': model_name, 'pairs': pairs, 'keys': keys, 'values': values, 'format': fmt, 'steps': steps,
+  return {'model': model_name, 'pairs': pairs, 'keys': keys, 'values': values, 'format': fmt,
+          'then_format': then_format, 'dicts': dicts, 'mapped_query': mapped_query,
+          'distinct_values': distinct_values, 'steps': steps,
           'final_accuracy': history[-1]['accuracy'], 'reached_target_at': reached,
           'history': history}
 
@@ -168,11 +197,20 @@ def main(argv=None):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--target', type=float, default=0.95)
   p.add_argument('--model', default='jaxlm', choices=('jaxlm', 'reference'))
+  p.add_argument('--dicts', type=int, default=0)
+  p.add_argument('--distinct_values', action='store_true')
+  p.add_argument('--mapped_query', action='store_true')
+  p.add_argument('--then_format', default=None, choices=FORMATS)
+  p.add_argument('--switch_at', type=int, default=0)
   a = p.parse_args(argv)
   r = run(a.pairs, a.keys, a.values, a.format, a.steps, a.batch, a.lr, a.layers, a.hidden,
-          a.heads, a.init, a.seed, a.target, a.model)
+          a.heads, a.init, a.seed, a.target, a.model, a.dicts, a.distinct_values,
+          a.then_format, a.switch_at, a.mapped_query)
   print(f"[recall] {r['model']} pairs={r['pairs']} keys={r['keys']} values={r['values']} "
-        f"format={r['format']}: final value accuracy {r['final_accuracy']:.3f}, "
+        f"dicts={r['dicts']} distinct_values={r['distinct_values']} "
+        f"mapped_query={r['mapped_query']} format={r['format']}"
+        + (f"->{r['then_format']}@{a.switch_at}" if r['then_format'] else '')
+        + f": final value accuracy {r['final_accuracy']:.3f}, "
         f"reached {a.target:.0%} at step {r['reached_target_at']}")
 
 
