@@ -17,8 +17,8 @@ matching takes can be varied one at a time:
                (`Dictionary [i]` in miniature: pairs no longer sit on a fixed position grid)
   --distinct_values  draw the values without replacement (no two pairs share a value)
   --mapped_query  the query names key k by a different token (id k + --keys), so the model
-               must learn which query token goes with which context key (the tokenizer of
-               run D1-tok has such a pair of pieces per key: `K: ` and `K is `)
+               must learn which query token goes with which context key (as with a
+               tokenizer that has the pieces `K: ` and `K is ` for every key)
   --then_format, --switch_at  a curriculum: --format for the first --switch_at steps, then
                --then_format (does a circuit learned in the easy layout carry over?)
 
@@ -119,8 +119,8 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
   for name, f in (('format', fmt), ('then_format', then_format or fmt)):
     if f not in FORMATS:
       raise ValueError(f'--{name}={f!r} must be one of {FORMATS}')
-  if dicts and (dicts > pairs or pairs % dicts):
-    raise ValueError(f'--dicts={dicts} must divide --pairs={pairs}')
+  if dicts and (pairs % dicts or dicts > 384 - HEADER0):
+    raise ValueError(f'--dicts={dicts} must divide --pairs={pairs} and be <= {384 - HEADER0}')
   if mapped_query and 2 * keys > VALUE0 - KEY0:
     raise ValueError(f'--mapped_query needs 2 * --keys <= {VALUE0 - KEY0}, got --keys={keys}')
   if distinct_values and values < pairs:
