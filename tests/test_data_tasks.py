@@ -241,3 +241,19 @@ def test_extra_queries_ask_unique_keys_and_keep_the_first_turn(tok):
     assert sum(f['targets'] == tok.eos_id) == len(b.turns) + 1
   with pytest.raises(TaskConfigError, match='extra_queries=2 needs num_dicts'):
     make_task('simple_kv', tok, num_dicts=None, num_tokens=500, extra_queries=2)
+
+
+def test_short_extra_questions_ask_the_same_keys(tok):
+  full = make_task('simple_kv', tok, num_dicts=5, keys_per_dict=(2, 3), key_digits=(1, 2),
+                   answer_template=True, extra_queries=4)
+  short = make_task('simple_kv', tok, num_dicts=5, keys_per_dict=(2, 3), key_digits=(1, 2),
+                    answer_template=True, extra_queries=4, extra_question='short')
+  for i in range(10):
+    a, b = full.example(0, i), short.example(0, i)
+    assert (a.prompt, a.answer) == (b.prompt, b.answer) and len(a.turns) == len(b.turns) >= 1
+    for (qa, ra), (qb, rb) in zip(a.turns, b.turns):
+      key = re.search(r'value of key (\d+) and', qa).group(1)
+      assert qb == f'Report the value of key {key} and the dictionary it is in.' and qb in qa
+      assert ra == rb and 'template' not in qb
+  with pytest.raises(TaskConfigError, match="extra_question='brief' must be 'full' or 'short'"):
+    make_task('simple_kv', tok, num_dicts=4, extra_queries=2, extra_question='brief')

@@ -48,6 +48,8 @@ class SimpleKVConfig:
   answer_template: bool = False
   extra_queries: int = 0              # training density: after the answer, ask up to this many
                                       # more keys (each unique in the prompt) as extra turns
+  extra_question: str = 'full'        # the extra turns' question: 'full' (the paper's, as the
+                                      # first turn) or 'short' (its one 'Report ...' sentence)
   gold_position: Any = 'uniform'      # 'uniform' | 1-based index | depth float | list
   first_position_prob: float = 0.05   # paper quirk ('uniform' only): 5% at Dictionary [1]
   early_position_prob: float = 0.03   # ... and 3% uniform over the first early_position_max
@@ -247,7 +249,8 @@ class _DictTask:
     if not candidates:
       return ()
     chosen = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False)
-    return tuple((self._question(candidates[i][:2]), self._answer(candidates[i][:2], candidates[i][2]))
+    ask = self._short_question if getattr(self.config, 'extra_question', 'full') == 'short' else self._question
+    return tuple((ask(candidates[i][:2]), self._answer(candidates[i][:2], candidates[i][2]))
                  for i in chosen)
 
   def _fill(self, rng, gold, gold_line, question, used):
@@ -299,6 +302,8 @@ class SimpleKV(_DictTask):
     self.value_digits = common.check_digits('value_digits', c.value_digits)
     if c.unique_keys not in ('gold', 'all'):
       raise TaskConfigError(f"unique_keys={c.unique_keys!r} must be 'gold' or 'all'")
+    if c.extra_question not in ('full', 'short'):
+      raise TaskConfigError(f"extra_question={c.extra_question!r} must be 'full' or 'short'")
     space = common.digit_range_size(self.key_digits)
     most = max(self.keys_per_dict[1], c.gold_dict_size)
     if c.unique_keys == 'all' and c.num_dicts is not None:
@@ -359,6 +364,9 @@ class SimpleKV(_DictTask):
             f'The value of key {gold[0]} is <fill-in-value> and it is in Dictionary '
             '[<fill-in-dictionary-name>].')
     return q
+
+  def _short_question(self, gold):
+    return f'Report the value of key {gold[0]} and the dictionary it is in.'
 
   def _answer(self, gold, g):
     return f'The value of key {gold[0]} is {gold[1]} and it is in Dictionary [{g}].'
