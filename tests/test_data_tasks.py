@@ -257,3 +257,20 @@ def test_short_extra_questions_ask_the_same_keys(tok):
       assert ra == rb and 'template' not in qb
   with pytest.raises(TaskConfigError, match="extra_question='brief' must be 'full' or 'short'"):
     make_task('simple_kv', tok, num_dicts=4, extra_queries=2, extra_question='brief')
+
+
+def test_extra_unique_values_asks_only_pairs_named_by_their_value(tok):
+  task = make_task('simple_kv', tok, num_dicts=4, keys_per_dict=(2, 2), key_digits=(1, 1),
+                   value_digits=(1, 1), unique_keys='all', extra_queries=8,
+                   extra_unique_values=True)
+  plain = make_task('simple_kv', tok, num_dicts=4, keys_per_dict=(2, 2), key_digits=(1, 1),
+                    value_digits=(1, 1), unique_keys='all', extra_queries=8)
+  fewer = 0
+  for i in range(30):
+    ex = task.example(0, i)
+    values = [v for _, pairs in parse_simple(ex.prompt) for _, v in pairs]
+    for _, ans in ex.turns:
+      v = int(re.search(r' is (\d+) and', ans).group(1))
+      assert values.count(v) == 1, (ans, values)
+    fewer += len(ex.turns) < len(plain.example(0, i).turns)
+  assert fewer > 0   # 1-digit values repeat: the filter must have dropped some pairs

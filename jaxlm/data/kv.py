@@ -50,6 +50,8 @@ class SimpleKVConfig:
                                       # more keys (each unique in the prompt) as extra turns
   extra_question: str = 'full'        # the extra turns' question: 'full' (the paper's, as the
                                       # first turn) or 'short' (its one 'Report ...' sentence)
+  extra_unique_values: bool = False   # extra turns ask only pairs whose value is unique in the
+                                      # prompt too (as the gold pair's), so it names the pair
   gold_position: Any = 'uniform'      # 'uniform' | 1-based index | depth float | list
   first_position_prob: float = 0.05   # paper quirk ('uniform' only): 5% at Dictionary [1]
   early_position_prob: float = 0.03   # ... and 3% uniform over the first early_position_max
@@ -246,6 +248,11 @@ class _DictTask:
     for key, _, _ in pairs:
       counts[key] = counts.get(key, 0) + 1
     candidates = [p for p in pairs if counts[p[0]] == 1 and p[0] != int(gold[0])]
+    if getattr(self.config, 'extra_unique_values', False):
+      seen: dict[int, int] = {}
+      for _, value, _ in pairs:
+        seen[value] = seen.get(value, 0) + 1
+      candidates = [p for p in candidates if seen[p[1]] == 1]
     if not candidates:
       return ()
     chosen = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False)
