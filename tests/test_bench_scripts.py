@@ -66,6 +66,33 @@ def test_recall_headers_and_distinct_values():
     recall.run(pairs=6, dicts=4, steps=1)
 
 
+def test_recall_index_queries_pair_tokens_and_header_loss():
+  import numpy as np
+  from jaxlm.bench import recall
+  keys, values = 8, 6
+  x, y, m = recall.make_batch(np.random.default_rng(0), 4, 6, keys, values, 'adjacent', dicts=3,
+                              distinct_values=True, ask='index', pair_tokens=True,
+                              header_loss=True)
+  tokens = np.concatenate([x[:, :1], y], 1)
+  full = np.concatenate([np.zeros((4, 1)), m], 1)   # mask of token t (not target t)
+  for row, mask in zip(tokens, full):
+    context = [int(t) for t in row[:6 + 3]]
+    group, owner = -1, {}
+    for t in context:
+      if recall.HEADER0 <= t < recall.PAIR0:
+        group = t - recall.HEADER0
+      else:
+        assert t >= recall.PAIR0   # a pair is one token
+        owner[recall.VALUE0 + (t - recall.PAIR0) % values] = recall.HEADER0 + group
+    assert group == 2 and len(owner) == 6
+    assert [int(v) for v in mask[:9]] == [0, 0, 0, 2, 0, 0, 2, 0, 0]   # headers 2, 3 supervised
+    answers = np.flatnonzero(mask == 1)
+    assert len(answers) == 6
+    assert {int(row[a - 1]): int(row[a]) for a in answers} == owner   # `Q v` -> its header
+  with pytest.raises(ValueError, match='--ask=index needs --dicts'):
+    recall.run(ask='index', steps=1)
+
+
 def test_recall_benchmark_learns_the_easy_case(capsys):
   from jaxlm.bench import recall
   # Two pairs, adjacent layout. A model that cannot match keys scores at most ~75% in

@@ -19,13 +19,19 @@ matching takes can be varied one at a time:
   --mapped_query  the query names key k by a different token (id k + --keys), so the model
                must learn which query token goes with which context key (as with a
                tokenizer that has the pieces `K: ` and `K is ` for every key)
+  --ask=index  the query `Q v` asks for the group (`--dicts`) whose pair holds value v, and
+               the target is that group's header token: the demo's dictionary index, a
+               two-hop lookup (pair -> its header); needs --distinct_values
+  --pair_tokens  each pair is one token (as with data/tokenizers/kv-tiny-pairs.model)
+  --header_loss  also supervise every header after the first (predicting it needs the
+               number of headers so far, the feature --ask=index reads from the pair)
   --then_format, --switch_at  a curriculum: --format for the first --switch_at steps, then
                --then_format (does a circuit learned in the easy layout carry over?)
 
 Every pair is queried once, in random order, after the context; loss and accuracy are on
 the value tokens only. `--model=reference` trains a minimal pre-norm transformer written
 here in plain jax (RoPE, SwiGLU, untied head, same sizes) instead of jaxlm's Mistral: an
-independent check that slow learning is a property of the task, not of jaxlm. Prints a line per tenth of the run with loss, value accuracy and
+independent check that slow learning is a property of the task, not of jaxlm. Prints a line per tenth of the run with loss, accuracy (of the queries' targets) and
 time, and the step at which accuracy first reached --target.
 
   python -m jaxlm.bench.recall --pairs=8 --keys=10 --values=10 --format=adjacent
@@ -48,26 +54,37 @@ FORMATS = ('adjacent', 'separator', 'shifted')
 SEP, QUERY, IS = 300, 301, 302   # token ids of ':', the query marker and 'is'
 KEY0, VALUE0 = 3, 150            # keys are ids KEY0.., values VALUE0.. (disjoint ranges)
 HEADER0 = 310                    # group headers HEADER0 + i
+PAIR0 = 384                      # --pair_tokens: pair (k, v) is PAIR0 + k * values + v
 
 
 def make_batch(rng: np.random.Generator, batch: int, pairs: int, keys: int, values: int,
                fmt: str, dicts: int = 0, distinct_values: bool = False,
-               mapped_query: bool = False):
+               mapped_query: bool = False, ask: str = 'value', pair_tokens: bool = False,
+               header_loss: bool = False):
   rows, masks = [], []
+  per = pairs // dicts if dicts else pairs
   for _ in range(batch):
     k = rng.choice(keys, pairs, replace=False) + KEY0
     v = (rng.choice(values, pairs, replace=False) if distinct_values
          else rng.integers(0, values, pairs)) + VALUE0
-    toks = []
+    toks, mask = [], []
     for i, (a, b) in enumerate(zip(k, v)):
-      if dicts and i % (pairs // dicts) == 0:
-        toks.append(HEADER0 + i // (pairs // dicts))
-      toks += [a, SEP, b] if fmt == 'separator' else [a, b]
-    mask = [0] * len(toks)
+      if dicts and i % per == 0:
+        toks.append(HEADER0 + i // per)
+        mask.append(2 if header_loss and i > 0 else 0)   # 2: supervised, not scored
+      if pair_tokens:
+        pair = [PAIR0 + (a - KEY0) * values + (b - VALUE0)]
+      else:
+        pair = [a, SEP, b] if fmt == 'separator' else [a, b]
+      toks += pair
+      mask += [0] * len(pair)
     for j in rng.permutation(pairs):
-      qk = k[j] + keys if mapped_query else k[j]
-      q = [QUERY, qk] if fmt == 'adjacent' else [QUERY, qk, IS]
-      toks += q + [v[j]]
+      if ask == 'index':
+        q, target = [QUERY, v[j]], HEADER0 + j // per
+      else:
+        qk = k[j] + keys if mapped_query else k[j]
+        q, target = ([QUERY, qk] if fmt == 'adjacent' else [QUERY, qk, IS]), v[j]
+      toks += q + [target]
       mask += [0] * len(q) + [1]
     rows.append(toks)
     masks.append(mask)
@@ -115,7 +132,8 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
         hidden: int = 64, heads: int = 4, init: float = 0.125, seed: int = 0,
         target: float = 0.95, model_name: str = 'jaxlm', dicts: int = 0,
         distinct_values: bool = False, then_format: str | None = None, switch_at: int = 0,
-        mapped_query: bool = False, log=print) -> dict:
+        mapped_query: bool = False, ask: str = 'value', pair_tokens: bool = False,
+        header_loss: bool = False, log=print) -> dict:
   for name, f in (('format', fmt), ('then_format', then_format or fmt)):
     if f not in FORMATS:
       raise ValueError(f'--{name}={f!r} must be one of {FORMATS}')
@@ -123,6 +141,13 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
     raise ValueError(f'--dicts={dicts} must divide --pairs={pairs} and be <= {384 - HEADER0}')
   if mapped_query and 2 * keys > VALUE0 - KEY0:
     raise ValueError(f'--mapped_query needs 2 * --keys <= {VALUE0 - KEY0}, got --keys={keys}')
+  if ask not in ('value', 'index'):
+    raise ValueError(f"--ask={ask!r} must be 'value' or 'index'")
+  if ask == 'index' and not (dicts and distinct_values):
+    raise ValueError('--ask=index needs --dicts (the groups to name) and --distinct_values '
+                     '(a value must name one pair)')
+  if header_loss and not dicts:
+    raise ValueError('--header_loss needs --dicts')
   if distinct_values and values < pairs:
     raise ValueError(f'--distinct_values needs --values={values} >= --pairs={pairs}')
   if keys < pairs:
@@ -132,14 +157,15 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
                      f'<= {SEP - VALUE0}')
   if hidden % heads:
     raise ValueError(f'--hidden={hidden} is not divisible by --heads={heads}')
+  vocab = PAIR0 + keys * values if pair_tokens else 384
   cfg = mistral.MistralConfig(
-      vocab_size=384, hidden_size=hidden, num_layers=layers, num_heads=heads,
+      vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
       num_kv_heads=heads, head_dim=hidden // heads, intermediate_size=2 * hidden,
       sliding_window=None, max_position_embeddings=1024, initializer_range=init)
   if model_name == 'jaxlm':
     model = mistral.init_model(cfg, seed)
   elif model_name == 'reference':
-    model = Reference(384, hidden, layers, heads, init, nnx.Rngs(seed))
+    model = Reference(vocab, hidden, layers, heads, init, nnx.Rngs(seed))
   else:
     raise ValueError(f"--model={model_name!r} must be 'jaxlm' or 'reference'")
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps)
@@ -151,8 +177,10 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
     def loss_fn(model):
       logits = model(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape))
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      acc = jnp.sum((logits.argmax(-1) == y) * m) / jnp.sum(m)
-      return jnp.sum(ce * m) / jnp.sum(m), acc
+      scored = (m == 1).astype(jnp.float32)   # the queries' targets; 2 marks header targets
+      acc = jnp.sum((logits.argmax(-1) == y) * scored) / jnp.sum(scored)
+      supervised = (m > 0).astype(jnp.float32)
+      return jnp.sum(ce * supervised) / jnp.sum(supervised), acc
     (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     return loss, acc
@@ -165,18 +193,20 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
       log(f'[recall] step {i}: switching from --format={fmt} to {then_format}')
       reached = None   # the target now counts in the new layout
     loss, acc = step(model, optimizer, *map(jnp.asarray, make_batch(
-        rng, batch, pairs, keys, values, f, dicts, distinct_values, mapped_query)))
+        rng, batch, pairs, keys, values, f, dicts, distinct_values, mapped_query, ask,
+        pair_tokens, header_loss)))
     if i % every == 0 or i == steps:
       loss, acc = float(loss), float(acc)
       history.append({'step': i, 'loss': loss, 'accuracy': acc})
       if reached is None and acc >= target:
         reached = i
       elapsed = time.perf_counter() - t0
-      log(f'[recall] step {i}/{steps} loss {loss:.3f} value accuracy {acc:.3f} '
+      log(f'[recall] step {i}/{steps} loss {loss:.3f} accuracy {acc:.3f} '
           f'{i / elapsed:.1f} steps/s ETA {(steps - i) * elapsed / i:.0f}s')
   return {'model': model_name, 'pairs': pairs, 'keys': keys, 'values': values, 'format': fmt,
           'then_format': then_format, 'dicts': dicts, 'mapped_query': mapped_query,
-          'distinct_values': distinct_values, 'steps': steps,
+          'distinct_values': distinct_values, 'ask': ask, 'pair_tokens': pair_tokens,
+          'header_loss': header_loss, 'steps': steps,
           'final_accuracy': history[-1]['accuracy'], 'reached_target_at': reached,
           'history': history}
 
@@ -202,15 +232,19 @@ def main(argv=None):
   p.add_argument('--mapped_query', action='store_true')
   p.add_argument('--then_format', default=None, choices=FORMATS)
   p.add_argument('--switch_at', type=int, default=0)
+  p.add_argument('--ask', default='value', choices=('value', 'index'))
+  p.add_argument('--pair_tokens', action='store_true')
+  p.add_argument('--header_loss', action='store_true')
   a = p.parse_args(argv)
   r = run(a.pairs, a.keys, a.values, a.format, a.steps, a.batch, a.lr, a.layers, a.hidden,
           a.heads, a.init, a.seed, a.target, a.model, a.dicts, a.distinct_values,
-          a.then_format, a.switch_at, a.mapped_query)
+          a.then_format, a.switch_at, a.mapped_query, a.ask, a.pair_tokens, a.header_loss)
   print(f"[recall] {r['model']} pairs={r['pairs']} keys={r['keys']} values={r['values']} "
         f"dicts={r['dicts']} distinct_values={r['distinct_values']} "
-        f"mapped_query={r['mapped_query']} format={r['format']}"
+        f"mapped_query={r['mapped_query']} ask={r['ask']} pair_tokens={r['pair_tokens']} "
+        f"header_loss={r['header_loss']} format={r['format']}"
         + (f"->{r['then_format']}@{a.switch_at}" if r['then_format'] else '')
-        + f": final value accuracy {r['final_accuracy']:.3f}, "
+        + f": final accuracy {r['final_accuracy']:.3f}, "
         f"reached {a.target:.0%} at step {r['reached_target_at']}")
 
 
