@@ -1,4 +1,4 @@
-"""Build the small sentencepiece model of the CPU demo (data/tokenizers/kv-tiny.model).
+"""Build the small sentencepiece models of the CPU demo (data/tokenizers/kv-tiny*.model).
 
 With the Mistral tokenizer a 2-digit key is two tokens and the embedding table holds
 32000 rows; a model this small then spends its few CPU minutes on the vocabulary and
@@ -12,14 +12,16 @@ demo's training and evaluation seeds).
 
   python -m jaxlm.data.tiny_tokenizer --out=data/tokenizers/kv-tiny.model
 
-`--variant=merged` (data/tokenizers/kv-tiny-merged.model, the demo's default since session 6)
-also makes every lookup the answer needs start from the *current* token, the layout a small
+`--variant=merged` (data/tokenizers/kv-tiny-merged.model) also makes every lookup the
+answer needs start from the *current* token, the layout a small
 model learns in a few hundred steps (BENCHMARKS.md, "What stalls key matching"): a key and its
 separator are one piece in the dictionaries (`12: `), the key and ` is ` one piece in the
 answer (`12 is `, so the value is predicted from a token naming the key), the value and
 ` and it is in Dictionary [` one piece (the index is predicted from a token naming the
 value), and each header `Dictionary [D] {` (D <= 16) one piece. Without the dummy-prefix
-space, a turn's text starts with its first piece.
+space, a turn's text starts with its first piece. `--variant=pairs`
+(data/tokenizers/kv-tiny-pairs.model, the one configs/tiny_kv.py uses) adds a piece per
+pair of 1-digit numbers (see PAIRS below).
 """
 
 from __future__ import annotations
