@@ -89,6 +89,18 @@ def test_recall_index_queries_pair_tokens_and_header_loss():
     answers = np.flatnonzero(mask == 1)
     assert len(answers) == 6
     assert {int(row[a - 1]): int(row[a]) for a in answers} == owner   # `Q v` -> its header
+  x, y, m = recall.make_batch(np.random.default_rng(0), 2, 6, keys, values, 'adjacent', dicts=3,
+                              distinct_values=True, ask='index', mapped_query=True)
+  tokens = np.concatenate([x[:, :1], y], 1)
+  for row, mask in zip(tokens, m):
+    context = [int(t) for t in row[:6 * 2 + 3]]
+    for a in np.flatnonzero(mask) + 1:   # `Q v'` names value v by the token v + values
+      v = int(row[a - 1]) - values
+      assert v in context and row[a] == max(t for t in context[:context.index(v)]
+                                            if t >= recall.HEADER0)
+  x, y, m = recall.make_batch(np.random.default_rng(0), 2, 6, keys, values, 'adjacent', dicts=3,
+                              distinct_values=True, ask='both', pair_tokens=True)
+  assert (m == 1).sum(1).tolist() == [12, 12]   # each pair asked for its value and its index
   with pytest.raises(ValueError, match='--ask=index needs --dicts'):
     recall.run(ask='index', steps=1)
 

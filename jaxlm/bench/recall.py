@@ -17,11 +17,14 @@ matching takes can be varied one at a time:
                (`Dictionary [i]` in miniature: pairs no longer sit on a fixed position grid)
   --distinct_values  draw the values without replacement (no two pairs share a value)
   --mapped_query  the query names key k by a different token (id k + --keys), so the model
-               must learn which query token goes with which context key (as with a
+               must learn which query token goes with which context key (with --ask=index:
+               names value v by another token, as the piece `V and it is in Dictionary [`
+               does); as with a
                tokenizer that has the pieces `K: ` and `K is ` for every key)
   --ask=index  the query `Q v` asks for the group (`--dicts`) whose pair holds value v, and
                the target is that group's header token: the demo's dictionary index, a
-               two-hop lookup (pair -> its header); needs --distinct_values
+               two-hop lookup (pair -> its header); needs --distinct_values.
+               --ask=both: each pair is asked for its value, then its index (as the demo)
   --pair_tokens  each pair is one token (as with data/tokenizers/kv-tiny-pairs.model)
   --header_loss  also supervise every header after the first (predicting it needs the
                number of headers so far, the feature --ask=index reads from the pair)
@@ -79,13 +82,15 @@ def make_batch(rng: np.random.Generator, batch: int, pairs: int, keys: int, valu
       toks += pair
       mask += [0] * len(pair)
     for j in rng.permutation(pairs):
-      if ask == 'index':
-        q, target = [QUERY, v[j]], HEADER0 + j // per
-      else:
-        qk = k[j] + keys if mapped_query else k[j]
-        q, target = ([QUERY, qk] if fmt == 'adjacent' else [QUERY, qk, IS]), v[j]
-      toks += q + [target]
-      mask += [0] * len(q) + [1]
+      for kind in (('value', 'index') if ask == 'both' else (ask,)):
+        if kind == 'index':
+          qv = v[j] + values if mapped_query else v[j]   # mapped: another token names v
+          q, target = [QUERY, qv], HEADER0 + j // per
+        else:
+          qk = k[j] + keys if mapped_query else k[j]
+          q, target = ([QUERY, qk] if fmt == 'adjacent' else [QUERY, qk, IS]), v[j]
+        toks += q + [target]
+        mask += [0] * len(q) + [1]
     rows.append(toks)
     masks.append(mask)
   t, m = np.array(rows, np.int32), np.array(masks, np.float32)
@@ -139,12 +144,14 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
       raise ValueError(f'--{name}={f!r} must be one of {FORMATS}')
   if dicts and (pairs % dicts or dicts > 384 - HEADER0):
     raise ValueError(f'--dicts={dicts} must divide --pairs={pairs} and be <= {384 - HEADER0}')
+  if mapped_query and ask == 'index' and 2 * values > SEP - VALUE0:
+    raise ValueError(f'--mapped_query with --ask=index needs 2 * --values <= {SEP - VALUE0}')
   if mapped_query and 2 * keys > VALUE0 - KEY0:
     raise ValueError(f'--mapped_query needs 2 * --keys <= {VALUE0 - KEY0}, got --keys={keys}')
-  if ask not in ('value', 'index'):
-    raise ValueError(f"--ask={ask!r} must be 'value' or 'index'")
-  if ask == 'index' and not (dicts and distinct_values):
-    raise ValueError('--ask=index needs --dicts (the groups to name) and --distinct_values '
+  if ask not in ('value', 'index', 'both'):
+    raise ValueError(f"--ask={ask!r} must be 'value', 'index' or 'both'")
+  if ask != 'value' and not (dicts and distinct_values):
+    raise ValueError(f'--ask={ask} needs --dicts (the groups to name) and --distinct_values '
                      '(a value must name one pair)')
   if header_loss and not dicts:
     raise ValueError('--header_loss needs --dicts')
@@ -232,7 +239,7 @@ def main(argv=None):
   p.add_argument('--mapped_query', action='store_true')
   p.add_argument('--then_format', default=None, choices=FORMATS)
   p.add_argument('--switch_at', type=int, default=0)
-  p.add_argument('--ask', default='value', choices=('value', 'index'))
+  p.add_argument('--ask', default='value', choices=('value', 'index', 'both'))
   p.add_argument('--pair_tokens', action='store_true')
   p.add_argument('--header_loss', action='store_true')
   a = p.parse_args(argv)
