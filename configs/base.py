@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ''                  # a Hugging Face checkpoint directory; '' = from scratch
   c.tokenizer = 'data/tokenizers/mistral-v1.model'
+  c.embed_init = 'random'           # from scratch: 'compose' starts merged pieces from their parts
   c.export_hf = True                # write WORKDIR/hf at the end
   c.distributed = False             # jax.distributed.initialize() (multi-host launches)
 

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from jaxlm import convert, flops
 from jaxlm import sharding as shd
 from jaxlm.data.pipeline import DataConfig, make_dataset
+from jaxlm.embed_init import compose_embeddings, piece_splits
 from jaxlm.model import MistralConfig, get_config, init_model
 from jaxlm.tokenizer import Tokenizer
 
@@ -115,6 +116,11 @@ def validate(c, cfg: MistralConfig, num_devices: int) -> tuple[int, ...]:
                         f'is not divisible by 2*{sizes["context"]}')
   if t.schedule not in ('cosine', 'linear', 'constant'):
     raise ConfigError(f"train.schedule={t.schedule!r} must be 'cosine', 'linear' or 'constant'")
+  if c.embed_init not in ('random', 'compose'):
+    raise ConfigError(f"embed_init={c.embed_init!r} must be 'random' or 'compose'")
+  if c.embed_init == 'compose' and c.init_from:
+    raise ConfigError(f"embed_init='compose' initializes a model trained from scratch, but "
+                      f"init_from={c.init_from!r} loads trained embeddings; drop one")
   if t.steps <= 0 or t.warmup_steps < 0:
     raise ConfigError(f'train.steps={t.steps} must be positive, train.warmup_steps='
                       f'{t.warmup_steps} non-negative')
@@ -392,6 +398,9 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
     _, model = convert.load_hf(c.init_from, mesh=mesh, **dataclass_fields(cfg))
   else:
     model = init_model(cfg, seed=c.seed)
+    if c.embed_init == 'compose':   # merged pieces start from their parts (embed_init.py)
+      model.embed[...] = jnp.asarray(compose_embeddings(
+          np.asarray(model.embed[...]), piece_splits(tokenizer)), model.embed[...].dtype)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   shardings = shd.state_shardings(state, mesh)

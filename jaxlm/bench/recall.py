@@ -26,6 +26,9 @@ matching takes can be varied one at a time:
                two-hop lookup (pair -> its header); needs --distinct_values.
                --ask=both: each pair is asked for its value, then its index (as the demo)
   --pair_tokens  each pair is one token (as with data/tokenizers/kv-tiny-pairs.model)
+  --compose    with --pair_tokens: each pair token's embedding starts as the scaled sum of its
+               key's, its value's and the separator's (jaxlm/embed_init.py, the trainer's
+               `embed_init='compose'`), instead of an unrelated random row
   --header_loss  also supervise every header after the first (predicting it needs the
                number of headers so far, the feature --ask=index reads from the pair)
   --then_format, --switch_at  a curriculum: --format for the first --switch_at steps, then
@@ -52,6 +55,7 @@ import optax
 from flax import nnx
 
 from jaxlm import model as mistral
+from jaxlm.embed_init import compose_embeddings
 
 FORMATS = ('adjacent', 'separator', 'shifted')
 SEP, QUERY, IS = 300, 301, 302   # token ids of ':', the query marker and 'is'
@@ -138,7 +142,7 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
         target: float = 0.95, model_name: str = 'jaxlm', dicts: int = 0,
         distinct_values: bool = False, then_format: str | None = None, switch_at: int = 0,
         mapped_query: bool = False, ask: str = 'value', pair_tokens: bool = False,
-        header_loss: bool = False, log=print) -> dict:
+        header_loss: bool = False, compose: bool = False, log=print) -> dict:
   for name, f in (('format', fmt), ('then_format', then_format or fmt)):
     if f not in FORMATS:
       raise ValueError(f'--{name}={f!r} must be one of {FORMATS}')
@@ -153,6 +157,8 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
   if ask != 'value' and not (dicts and distinct_values):
     raise ValueError(f'--ask={ask} needs --dicts (the groups to name) and --distinct_values '
                      '(a value must name one pair)')
+  if compose and not pair_tokens:
+    raise ValueError('--compose needs --pair_tokens (the pieces it composes)')
   if header_loss and not dicts:
     raise ValueError('--header_loss needs --dicts')
   if distinct_values and values < pairs:
@@ -175,6 +181,10 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
     model = Reference(vocab, hidden, layers, heads, init, nnx.Rngs(seed))
   else:
     raise ValueError(f"--model={model_name!r} must be 'jaxlm' or 'reference'")
+  if compose:
+    splits = {PAIR0 + a * values + b: (KEY0 + a, VALUE0 + b, SEP)
+              for a in range(keys) for b in range(values)}
+    model.embed[...] = jnp.asarray(compose_embeddings(np.asarray(model.embed[...]), splits))
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps)
   optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.01), wrt=nnx.Param)
   rng = np.random.default_rng(seed)
@@ -213,7 +223,7 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
   return {'model': model_name, 'pairs': pairs, 'keys': keys, 'values': values, 'format': fmt,
           'then_format': then_format, 'dicts': dicts, 'mapped_query': mapped_query,
           'distinct_values': distinct_values, 'ask': ask, 'pair_tokens': pair_tokens,
-          'header_loss': header_loss, 'steps': steps,
+          'header_loss': header_loss, 'compose': compose, 'steps': steps,
           'final_accuracy': history[-1]['accuracy'], 'reached_target_at': reached,
           'history': history}
 
@@ -242,14 +252,16 @@ def main(argv=None):
   p.add_argument('--ask', default='value', choices=('value', 'index', 'both'))
   p.add_argument('--pair_tokens', action='store_true')
   p.add_argument('--header_loss', action='store_true')
+  p.add_argument('--compose', action='store_true')
   a = p.parse_args(argv)
   r = run(a.pairs, a.keys, a.values, a.format, a.steps, a.batch, a.lr, a.layers, a.hidden,
           a.heads, a.init, a.seed, a.target, a.model, a.dicts, a.distinct_values,
-          a.then_format, a.switch_at, a.mapped_query, a.ask, a.pair_tokens, a.header_loss)
+          a.then_format, a.switch_at, a.mapped_query, a.ask, a.pair_tokens, a.header_loss,
+          a.compose)
   print(f"[recall] {r['model']} pairs={r['pairs']} keys={r['keys']} values={r['values']} "
         f"dicts={r['dicts']} distinct_values={r['distinct_values']} "
         f"mapped_query={r['mapped_query']} ask={r['ask']} pair_tokens={r['pair_tokens']} "
-        f"header_loss={r['header_loss']} format={r['format']}"
+        f"header_loss={r['header_loss']} compose={r['compose']} format={r['format']}"
         + (f"->{r['then_format']}@{a.switch_at}" if r['then_format'] else '')
         + f": final accuracy {r['final_accuracy']:.3f}, "
         f"reached {a.target:.0%} at step {r['reached_target_at']}")
