@@ -114,3 +114,33 @@ def test_recall_benchmark_learns_the_easy_case(capsys):
                '--target', '0.9', '--seed', '1'])
   out = capsys.readouterr().out
   assert 'reached 90% at step None' not in out, out
+
+
+def test_recall_compose_starts_pairs_from_key_value_and_separator():
+  from jaxlm.bench import recall
+  with pytest.raises(ValueError, match='--compose needs --pair_tokens'):
+    recall.run(pairs=4, steps=1, compose=True)
+  with pytest.raises(ValueError, match='--index_as_digit needs'):
+    recall.run(pairs=4, dicts=2, distinct_values=True, index_as_digit=True, steps=1)
+  r = recall.run(pairs=4, keys=5, values=5, dicts=2, distinct_values=True, ask='index',
+                 pair_tokens=True, compose=True, index_as_digit=True, steps=1, log=lambda s: None)
+  assert r['compose'] and len(r['history']) == 1
+
+
+def test_recall_index_as_digit_answers_with_the_group_number():
+  import numpy as np
+  from jaxlm.bench import recall
+  x, y, m = recall.make_batch(np.random.default_rng(0), 3, 6, 8, 6, 'adjacent', dicts=3,
+                              distinct_values=True, ask='index', pair_tokens=True,
+                              index_as_digit=True)
+  tokens = np.concatenate([x[:, :1], y], 1)
+  for row, mask in zip(tokens, m):
+    group, owner = -1, {}
+    for t in row[:6 + 3]:
+      if recall.HEADER0 <= t < recall.PAIR0:
+        group = int(t) - recall.HEADER0
+      else:
+        owner[recall.VALUE0 + (int(t) - recall.PAIR0) % 6] = group
+    answers = np.flatnonzero(mask) + 1
+    assert len(answers) == 6
+    assert all(int(row[a]) == recall.VALUE0 + owner[int(row[a - 1])] + 1 for a in answers)

@@ -29,6 +29,10 @@ matching takes can be varied one at a time:
   --compose    with --pair_tokens: each pair token's embedding starts as the scaled sum of its
                key's, its value's and the separator's (jaxlm/embed_init.py, the trainer's
                `embed_init='compose'`), instead of an unrelated random row
+  --index_as_digit  the index answer is the group's number i+1 written as the value token
+               VALUE0+i+1 instead of the header token, as the demo answers `[2]` with the
+               digit that values use too; with --compose the header then starts from a
+               common `Dictionary [` part plus that digit's row, like `Dictionary [2] {`
   --header_loss  also supervise every header after the first (predicting it needs the
                number of headers so far, the feature --ask=index reads from the pair)
   --then_format, --switch_at  a curriculum: --format for the first --switch_at steps, then
@@ -61,13 +65,14 @@ FORMATS = ('adjacent', 'separator', 'shifted')
 SEP, QUERY, IS = 300, 301, 302   # token ids of ':', the query marker and 'is'
 KEY0, VALUE0 = 3, 150            # keys are ids KEY0.., values VALUE0.. (disjoint ranges)
 HEADER0 = 310                    # group headers HEADER0 + i
+HEADER_PART = 303                # --index_as_digit --compose: the part all headers share
 PAIR0 = 384                      # --pair_tokens: pair (k, v) is PAIR0 + k * values + v
 
 
 def make_batch(rng: np.random.Generator, batch: int, pairs: int, keys: int, values: int,
                fmt: str, dicts: int = 0, distinct_values: bool = False,
                mapped_query: bool = False, ask: str = 'value', pair_tokens: bool = False,
-               header_loss: bool = False):
+               header_loss: bool = False, index_as_digit: bool = False):
   rows, masks = [], []
   per = pairs // dicts if dicts else pairs
   for _ in range(batch):
@@ -89,7 +94,8 @@ def make_batch(rng: np.random.Generator, batch: int, pairs: int, keys: int, valu
       for kind in (('value', 'index') if ask == 'both' else (ask,)):
         if kind == 'index':
           qv = v[j] + values if mapped_query else v[j]   # mapped: another token names v
-          q, target = [QUERY, qv], HEADER0 + j // per
+          q = [QUERY, qv]
+          target = VALUE0 + j // per + 1 if index_as_digit else HEADER0 + j // per
         else:
           qk = k[j] + keys if mapped_query else k[j]
           q, target = ([QUERY, qk] if fmt == 'adjacent' else [QUERY, qk, IS]), v[j]
@@ -142,7 +148,8 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
         target: float = 0.95, model_name: str = 'jaxlm', dicts: int = 0,
         distinct_values: bool = False, then_format: str | None = None, switch_at: int = 0,
         mapped_query: bool = False, ask: str = 'value', pair_tokens: bool = False,
-        header_loss: bool = False, compose: bool = False, log=print) -> dict:
+        header_loss: bool = False, compose: bool = False, index_as_digit: bool = False,
+        log=print) -> dict:
   for name, f in (('format', fmt), ('then_format', then_format or fmt)):
     if f not in FORMATS:
       raise ValueError(f'--{name}={f!r} must be one of {FORMATS}')
@@ -157,6 +164,9 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
   if ask != 'value' and not (dicts and distinct_values):
     raise ValueError(f'--ask={ask} needs --dicts (the groups to name) and --distinct_values '
                      '(a value must name one pair)')
+  if index_as_digit and (ask == 'value' or dicts >= values):
+    raise ValueError(f'--index_as_digit needs --ask=index or both and --dicts={dicts} < '
+                     f'--values={values} (group i is answered by value token i+1)')
   if compose and not pair_tokens:
     raise ValueError('--compose needs --pair_tokens (the pieces it composes)')
   if header_loss and not dicts:
@@ -184,6 +194,8 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
   if compose:
     splits = {PAIR0 + a * values + b: (KEY0 + a, VALUE0 + b, SEP)
               for a in range(keys) for b in range(values)}
+    if index_as_digit:
+      splits.update({HEADER0 + i: (HEADER_PART, VALUE0 + i + 1) for i in range(dicts)})
     model.embed[...] = jnp.asarray(compose_embeddings(np.asarray(model.embed[...]), splits))
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps)
   optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.01), wrt=nnx.Param)
@@ -211,7 +223,7 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
       reached = None   # the target now counts in the new layout
     loss, acc = step(model, optimizer, *map(jnp.asarray, make_batch(
         rng, batch, pairs, keys, values, f, dicts, distinct_values, mapped_query, ask,
-        pair_tokens, header_loss)))
+        pair_tokens, header_loss, index_as_digit)))
     if i % every == 0 or i == steps:
       loss, acc = float(loss), float(acc)
       history.append({'step': i, 'loss': loss, 'accuracy': acc})
@@ -223,7 +235,8 @@ def run(pairs: int = 8, keys: int = 10, values: int = 10, fmt: str = 'adjacent',
   return {'model': model_name, 'pairs': pairs, 'keys': keys, 'values': values, 'format': fmt,
           'then_format': then_format, 'dicts': dicts, 'mapped_query': mapped_query,
           'distinct_values': distinct_values, 'ask': ask, 'pair_tokens': pair_tokens,
-          'header_loss': header_loss, 'compose': compose, 'steps': steps,
+          'header_loss': header_loss, 'compose': compose, 'index_as_digit': index_as_digit,
+          'steps': steps,
           'final_accuracy': history[-1]['accuracy'], 'reached_target_at': reached,
           'history': history}
 
@@ -253,15 +266,17 @@ def main(argv=None):
   p.add_argument('--pair_tokens', action='store_true')
   p.add_argument('--header_loss', action='store_true')
   p.add_argument('--compose', action='store_true')
+  p.add_argument('--index_as_digit', action='store_true')
   a = p.parse_args(argv)
   r = run(a.pairs, a.keys, a.values, a.format, a.steps, a.batch, a.lr, a.layers, a.hidden,
           a.heads, a.init, a.seed, a.target, a.model, a.dicts, a.distinct_values,
           a.then_format, a.switch_at, a.mapped_query, a.ask, a.pair_tokens, a.header_loss,
-          a.compose)
+          a.compose, a.index_as_digit)
   print(f"[recall] {r['model']} pairs={r['pairs']} keys={r['keys']} values={r['values']} "
         f"dicts={r['dicts']} distinct_values={r['distinct_values']} "
         f"mapped_query={r['mapped_query']} ask={r['ask']} pair_tokens={r['pair_tokens']} "
-        f"header_loss={r['header_loss']} compose={r['compose']} format={r['format']}"
+        f"header_loss={r['header_loss']} compose={r['compose']} "
+        f"index_as_digit={r['index_as_digit']} format={r['format']}"
         + (f"->{r['then_format']}@{a.switch_at}" if r['then_format'] else '')
         + f": final accuracy {r['final_accuracy']:.3f}, "
         f"reached {a.target:.0%} at step {r['reached_target_at']}")
