@@ -24,6 +24,7 @@ dictionaries, rebuilt until under 3996 tokens).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -244,15 +245,11 @@ class _DictTask:
     """(question, answer) turns about up to k other keys that occur once in the prompt."""
     pairs = [(int(key), int(value), d + 1) for d, (keys, values) in enumerate(dicts)
              for key, value in zip(keys, values)]
-    counts: dict[int, int] = {}
-    for key, _, _ in pairs:
-      counts[key] = counts.get(key, 0) + 1
-    candidates = [p for p in pairs if counts[p[0]] == 1 and p[0] != int(gold[0])]
+    key_count = collections.Counter(key for key, _, _ in pairs)
+    candidates = [p for p in pairs if key_count[p[0]] == 1 and p[0] != int(gold[0])]
     if getattr(self.config, 'extra_unique_values', False):
-      seen: dict[int, int] = {}
-      for _, value, _ in pairs:
-        seen[value] = seen.get(value, 0) + 1
-      candidates = [p for p in candidates if seen[p[1]] == 1]
+      value_count = collections.Counter(value for _, value, _ in pairs)
+      candidates = [p for p in candidates if value_count[p[1]] == 1]
     if not candidates:
       return ()
     chosen = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False)
