@@ -5,7 +5,7 @@ A tokenizer with merged pieces (data/tokenizers/kv-tiny-pairs.model has one piec
 embedding, which shares nothing with the pieces it is made of: nothing tells the model that
 `3: 7, ` and `3: 1}\n` are both pairs, or that `7 and it is in Dictionary [` names the value
 of `3: 7, `. A small model trained from scratch has to discover that structure one rare
-piece at a time (BENCHMARKS.md, "The index hop").
+piece at a time (BENCHMARKS.md, "Merged pieces that start from their parts").
 
 `compose_embeddings` starts each merged piece from what it is made of, as is done when new
 pieces are added to a trained model's vocabulary: the embedding of a piece that splits into
@@ -30,11 +30,7 @@ from jaxlm.tokenizer import Tokenizer
 def piece_splits(tokenizer: Tokenizer) -> dict[int, tuple[int, ...]]:
   """{piece id: the ids of its split into >= 2 shorter pieces} for every normal or
   user-defined piece that has one. Control, unknown and byte pieces are never parts."""
-  sp = tokenizer._sp
-  usable = {}
-  for i in range(sp.GetPieceSize()):
-    if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i)):
-      usable.setdefault(sp.IdToPiece(i), i)
+  usable = tokenizer.text_pieces()
   longest = max(map(len, usable))
   splits = {}
   for piece, pid in usable.items():

@@ -63,6 +63,13 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.IdToPiece(int(i))
 
+  def text_pieces(self) -> dict[str, int]:
+    """{piece: id} of the pieces that stand for text (normal and user-defined ones; not
+    control, unknown, unused or byte-fallback pieces)."""
+    sp = self._sp
+    return {sp.IdToPiece(i): i for i in range(self.vocab_size) if not (
+        sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i) or sp.IsByte(i))}
+
   def check_model(self, cfg) -> None:
     """Raise TokenizerMismatchError when this tokenizer cannot drive a model with `cfg`.
 
