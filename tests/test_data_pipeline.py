@@ -1,5 +1,6 @@
 """The Grain pipeline: features, masks, packing, per-host slicing, bit-exact resume."""
 import gc
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +103,14 @@ def test_rebuilt_pipeline_is_deterministic_and_epochs_reshuffle(tok):
   second = {tuple(b['inputs'][r]) for b in a[20:] for r in range(2)}
   assert first == second and len(first) == 40       # epoch 2 = the same 40 examples...
   assert [tuple(b['inputs'][0]) for b in a[:20]] != [tuple(b['inputs'][0]) for b in a[20:]]  # ...reordered
+
+
+def test_num_threads_0_generates_in_the_calling_thread(tok):
+  # Grain's default (read options None) is 16 threads and a 500-example buffer.
+  before = threading.active_count()
+  it = iter(make_dataset(config(num_threads=0), tok))
+  take(it, 3)
+  assert threading.active_count() == before
 
 
 def test_hosts_get_disjoint_slices_of_the_same_examples(tok):

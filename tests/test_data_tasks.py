@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlm.data import TaskConfigError, make_task
+from jaxlm.data import TaskConfigError, common, kv, make_task
 from jaxlm.tokenizer import Tokenizer
 
 ROOT = __file__.rsplit('/tests/', 1)[0]
@@ -91,6 +91,32 @@ def test_simple_kv_number_ranges_follow_the_paper(tok):
              for kv in p for n in kv]
   digits = np.array([len(str(n)) for n in numbers])
   assert set(digits) == {3, 4} and abs((digits == 3).mean() - 0.5) < 0.05
+
+
+def _reference_sample_numbers(rng, digits, size):   # the general path, for any digit range
+  d = rng.integers(digits[0], digits[1] + 1, size=size)
+  return rng.integers(10 ** (d - 1), 10 ** d).astype(np.int64)
+
+
+@pytest.mark.parametrize('digits', [(1, 1), (4, 4), (12, 12), (3, 4)])
+def test_sample_numbers_fixed_digits_fast_path_draws_the_same_stream(digits):
+  fast, ref = np.random.default_rng(5), np.random.default_rng(5)
+  for size in [(), 1, 7, (3, 2)]:
+    np.testing.assert_array_equal(common.sample_numbers(fast, digits, size),
+                                  _reference_sample_numbers(ref, digits, size))
+  assert fast.integers(1 << 62) == ref.integers(1 << 62)    # the generator is in the same state
+
+
+@pytest.mark.parametrize('grouped', [False, True])
+def test_taken_or_repeated_matches_the_numpy_definition(grouped):
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = int(rng.integers(1, 30))
+    keys = rng.integers(0, 12, n)
+    owner = np.sort(rng.integers(0, 4, n)) if grouped else None
+    taken = set(rng.integers(0, 12, int(rng.integers(0, 4))).tolist())
+    want = np.isin(keys, list(taken)) | kv._duplicates(keys, owner)
+    np.testing.assert_array_equal(kv._taken_or_repeated(keys, taken, owner), want)
 
 
 def test_multisubkey_correct_by_construction(tok):

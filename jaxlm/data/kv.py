@@ -330,12 +330,12 @@ class SimpleKV(_DictTask):
   def _draw_dicts(self, rng, sizes, gold, used):
     total = int(sizes.sum())
     unique_all = self.config.unique_keys == 'all'
-    taken = np.array([gold[0]] + (list(used) if unique_all else []), np.int64)
+    taken = {gold[0], *used} if unique_all else {gold[0]}
     owner = np.repeat(np.arange(len(sizes)), sizes)
     keys = common.sample_numbers(rng, self.key_digits, total)
     values = common.sample_numbers(rng, self.value_digits, total)
     for _ in range(1000):
-      bad = np.isin(keys, taken) | _duplicates(keys, None if unique_all else owner)
+      bad = _taken_or_repeated(keys, taken, None if unique_all else owner)
       if not bad.any():
         break
       keys[bad] = common.sample_numbers(rng, self.key_digits, int(bad.sum()))
@@ -374,6 +374,24 @@ class SimpleKV(_DictTask):
 
   def _answer(self, gold, g):
     return f'The value of key {gold[0]} is {gold[1]} and it is in Dictionary [{g}].'
+
+
+def _taken_or_repeated(keys: np.ndarray, taken: set, owner: np.ndarray | None) -> np.ndarray:
+  """`np.isin(keys, taken) | _duplicates(keys, owner)` with sets: the same mask (and so the
+  same data stream), several times faster for the few dozen keys of a prompt."""
+  seen = set(taken)
+  bad = np.zeros(len(keys), bool)
+  if owner is None:
+    for i, k in enumerate(keys.tolist()):
+      if k in seen:
+        bad[i] = True
+      seen.add(k)
+    return bad
+  for i, (k, o) in enumerate(zip(keys.tolist(), owner.tolist())):
+    if k in taken or (o, k) in seen:
+      bad[i] = True
+    seen.add((o, k))
+  return bad
 
 
 def _duplicates(keys: np.ndarray, owner: np.ndarray | None) -> np.ndarray:

@@ -159,8 +159,9 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
   ds = ds[process_index::process_count]
   ds = ds.map(_Generate(task, c.seed)).map(_Featurize(tokenizer, c.chat_format))
   ds = ds.filter(_CheckLength(c.seq_len, c.on_long))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=
-                                            max(1, 2 * c.num_threads)) if c.num_threads else None)
+  # Always explicit: `None` would mean Grain's default of 16 threads and a 500-element buffer.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads,
+                                            prefetch_buffer_size=2 * c.num_threads))
   if c.num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.num_workers))
   if c.packing:
