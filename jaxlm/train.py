@@ -120,7 +120,8 @@ def validate(c, cfg: MistralConfig, num_devices: int) -> tuple[int, ...]:
     raise ConfigError(f"embed_init={c.embed_init!r} must be 'random' or 'compose'")
   if c.embed_init == 'compose' and c.init_from:
     raise ConfigError(f"embed_init='compose' initializes a model trained from scratch, but "
-                      f"init_from={c.init_from!r} loads trained embeddings; drop one")
+                      f"init_from={c.init_from!r} loads trained embeddings; drop one "
+                      f"(--config.embed_init=random keeps init_from)")
   if t.steps <= 0 or t.warmup_steps < 0:
     raise ConfigError(f'train.steps={t.steps} must be positive, train.warmup_steps='
                       f'{t.warmup_steps} non-negative')
@@ -429,7 +430,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
 
   result: dict[str, Any] = {'start_step': start}
   tokens_per_step = c.train.batch_size * c.data.seq_len
-  t_last, step = time.perf_counter(), start
+  t_last, step, pending = time.perf_counter(), start, None
   try:
     with jax.set_mesh(mesh):
       while step < c.train.steps:
@@ -438,11 +439,17 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
                  for k, v in local.items()}
         state, metrics = step_fn(state, batch)
         step += 1
-        loss = float(metrics['objective'])   # = the answer loss unless prompt_loss_weight
-        if not math.isfinite(loss):
-          raise FloatingPointError(
-              f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint '
-              f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints')
+        # The loss is read one step late, so that the host builds the next batch while the
+        # device runs this step; every step whose state is saved, evaluated or logged is
+        # checked first, so a non-finite loss never reaches a checkpoint.
+        if pending:
+          _check_finite(*pending, mngr, workdir)
+        pending = (step, metrics['objective'])   # = the answer loss unless prompt_loss_weight
+        if (step % c.train.log_every == 0 or step == c.train.steps or stop['signal']
+            or step % c.train.checkpoint_every == 0 or c.debug.kill_at_step == step
+            or (c.eval.every and step % c.eval.every == 0)):
+          _check_finite(*pending, mngr, workdir)
+          pending = None
         if step % c.train.log_every == 0 or step == c.train.steps:
           now = time.perf_counter()
           dt = (now - t_last) / (step - (result.get('last_logged') or start))
@@ -468,6 +475,9 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
         if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
         if step % c.train.checkpoint_every == 0 or step == c.train.steps or stop['signal']:
+          if pending:   # a SIGTERM that came after the check above
+            _check_finite(*pending, mngr, workdir)
+            pending = None
           _save(mngr, step, state, data_iter)
         if stop['signal']:
           log(f'[train] {stop["signal"]}: saved the checkpoint at step {step}; exiting')
@@ -490,6 +500,14 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   result['state'] = state
   result['graphdef'] = graphdef
   return result
+
+
+def _check_finite(step: int, objective, mngr, workdir: str) -> None:
+  loss = float(objective)
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint '
+        f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints')
 
 
 def dataclass_fields(cfg: MistralConfig) -> dict[str, Any]:

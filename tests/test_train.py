@@ -230,7 +230,7 @@ def test_init_from_a_hugging_face_checkpoint(tmp_path):
   cfg = trainer.model_config(c)
   source = init_model(cfg, seed=7)
   convert.save_hf(cfg, source, str(tmp_path / 'hf_in'))
-  c.init_from = str(tmp_path / 'hf_in')
+  c.init_from, c.embed_init = str(tmp_path / 'hf_in'), 'random'   # tiny_kv composes from scratch
   result = trainer.train(c, str(tmp_path / 'run'), log=lambda s: None)
   model = nnx.merge(result['graphdef'], result['state'])[0]
   np.testing.assert_array_equal(model.lm_head[...], source.lm_head[...])   # lr 0: unchanged
@@ -248,3 +248,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
                                                r'The last good checkpoint \(step 2\) is kept'):
     trainer.train(c, str(tmp_path), log=lambda s: None)
   assert final_params(tmp_path)[0] == 2
+
+
+def test_non_finite_loss_between_logged_steps_is_caught_before_any_save(tmp_path, monkeypatch):
+  # Nothing is logged or saved before step 6, so the loss is read one step late (the host
+  # builds the next batch meanwhile): step 3's nan is reported after step 4 is dispatched,
+  # and no checkpoint is written.
+  real = trainer.make_train_step
+  def make(graphdef, *a, **kw):
+    step = real(graphdef, *a, **kw)
+    def poisoned(state, batch):   # nan from the 3rd step on
+      done = nnx.merge(graphdef, state)[1].step[...]
+      state, metrics = step(state, batch)
+      return state, {**metrics, 'objective': jnp.where(done >= 2, jnp.nan, metrics['objective'])}
+    return poisoned
+  monkeypatch.setattr(trainer, 'make_train_step', make)
+  c = small_config(train__steps=6, train__log_every=6, train__checkpoint_every=6)
+  with pytest.raises(FloatingPointError, match=r'non-finite loss nan at step 3; stopping. '
+                                               r'The last good checkpoint \(step None\)'):
+    trainer.train(c, str(tmp_path), log=lambda s: None)
+  assert not os.path.exists(tmp_path / 'checkpoints') or not os.listdir(tmp_path / 'checkpoints')
