@@ -43,8 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_packing_bins = 8
   c.data.chat_format = 'mistral'
   c.data.on_long = 'error'
-  c.data.num_threads = 0
-  c.data.num_workers = 0
+  c.data.num_threads = 0            # 0: batches built in the trainer's thread (overlaps the step)
+  c.data.num_workers = 0            # >0: Grain worker processes (mp_prefetch)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

@@ -65,6 +65,7 @@ def get_config():
   c.train.steps = 1800                # about 9 minutes on 2 CPU cores, evaluation included
   c.train.batch_size = 48
   c.train.lr = 3e-3
+  c.train.end_lr_frac = 0.5           # the index still forms late: keep the rate up
   c.train.warmup_steps = 30
   c.train.b2 = 0.98
   c.train.weight_decay = 0.01

@@ -15,6 +15,14 @@ def test_data_benchmark_runs(capsys):
   assert '| simple_kv | 512 |' in capsys.readouterr().out
 
 
+def test_data_benchmark_times_a_trainer_configs_batches(capsys):
+  data.main(['--config', 'tests/train_config.py', '--threads', '0,1', '--batches', '3'])
+  rows = [l.split('|') for l in capsys.readouterr().out.splitlines() if l.startswith('| 0 ') or
+          l.startswith('| 1 ')]
+  assert len(rows) == 2 and all(float(r[2]) > 0 for r in rows)
+  assert rows[0][4] == rows[1][4] and int(rows[0][4].replace(',', '')) > 0   # same stream
+
+
 def test_attention_check_runs(capsys):
   attention_check.main(['--seq', '64', '--heads', '2', '--kv_heads', '1', '--head_dim', '16',
                         '--runs', '1', '--window', '8'])
