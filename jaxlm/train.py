@@ -440,17 +440,12 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
         state, metrics = step_fn(state, batch)
         step += 1
         # The loss is read one step late, so that the host builds the next batch while the
-        # device runs this step; every step whose state is saved, evaluated or logged is
-        # checked first, so a non-finite loss never reaches a checkpoint.
-        if pending:
-          _check_finite(*pending, mngr, workdir)
+        # device runs this step; a step is settled before it is logged, evaluated or saved,
+        # so a non-finite loss never reaches a checkpoint.
+        pending = _settle(pending, mngr, workdir)
         pending = (step, metrics['objective'])   # = the answer loss unless prompt_loss_weight
-        if (step % c.train.log_every == 0 or step == c.train.steps or stop['signal']
-            or step % c.train.checkpoint_every == 0 or c.debug.kill_at_step == step
-            or (c.eval.every and step % c.eval.every == 0)):
-          _check_finite(*pending, mngr, workdir)
-          pending = None
         if step % c.train.log_every == 0 or step == c.train.steps:
+          pending = _settle(pending, mngr, workdir)
           now = time.perf_counter()
           dt = (now - t_last) / (step - (result.get('last_logged') or start))
           t_last, result['last_logged'] = now, step
@@ -467,6 +462,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
               + f' ETA {eta:.0f}s')
           result['loss'] = m['loss']
         if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
+          pending = _settle(pending, mngr, workdir)
           _evaluate(c, nnx.merge(graphdef, state)[0], tokenizer, workdir, step, writer, log)
           t_last, result['last_logged'] = time.perf_counter(), step   # keep eval out of step time
         if c.debug.kill_at_step and step == c.debug.kill_at_step:
@@ -475,9 +471,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
         if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
         if step % c.train.checkpoint_every == 0 or step == c.train.steps or stop['signal']:
-          if pending:   # a SIGTERM that came after the check above
-            _check_finite(*pending, mngr, workdir)
-            pending = None
+          pending = _settle(pending, mngr, workdir)
           _save(mngr, step, state, data_iter)
         if stop['signal']:
           log(f'[train] {stop["signal"]}: saved the checkpoint at step {step}; exiting')
@@ -502,11 +496,12 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   return result
 
 
-def _check_finite(step: int, objective, mngr, workdir: str) -> None:
-  loss = float(objective)
-  if not math.isfinite(loss):
+def _settle(pending, mngr, workdir: str) -> None:
+  """Read the loss of a dispatched step, `pending` = (step, objective) or None, and stop on
+  a non-finite one; returns None (nothing is pending afterwards)."""
+  if pending is not None and not math.isfinite(loss := float(pending[1])):
     raise FloatingPointError(
-        f'non-finite loss {loss} at step {step}; stopping. The last good checkpoint '
+        f'non-finite loss {loss} at step {pending[0]}; stopping. The last good checkpoint '
         f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints')
 
 

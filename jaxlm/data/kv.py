@@ -379,17 +379,10 @@ class SimpleKV(_DictTask):
 def _taken_or_repeated(keys: np.ndarray, taken: set, owner: np.ndarray | None) -> np.ndarray:
   """`np.isin(keys, taken) | _duplicates(keys, owner)` with sets: the same mask (and so the
   same data stream), several times faster for the few dozen keys of a prompt."""
-  seen = set(taken)
-  bad = np.zeros(len(keys), bool)
-  if owner is None:
-    for i, k in enumerate(keys.tolist()):
-      if k in seen:
-        bad[i] = True
-      seen.add(k)
-    return bad
-  for i, (k, o) in enumerate(zip(keys.tolist(), owner.tolist())):
-    if k in taken or (o, k) in seen:
-      bad[i] = True
+  seen, bad = set(), np.zeros(len(keys), bool)
+  groups = [None] * len(keys) if owner is None else owner.tolist()
+  for i, (k, o) in enumerate(zip(keys.tolist(), groups)):
+    bad[i] = k in taken or (o, k) in seen
     seen.add((o, k))
   return bad
 
