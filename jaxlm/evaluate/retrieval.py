@@ -44,24 +44,47 @@ def evaluate_retrieval(model, tokenizer, task: str, task_fields: dict[str, Any],
       if len(samples) < keep_examples:
         samples.append({'position': position, 'answer': ex.answer, 'output': text})
     all_scores += scores
-    rows.append({'position': position, 'n': len(scores),
-                 'accuracy': float(np.mean([s['all'] for s in scores])),
-                 'value_accuracy': float(np.mean([s['value'] for s in scores]))})
-  return {'task': task, 'seed': seed, 'accuracy': float(np.mean([s['all'] for s in all_scores])),
-          'value_accuracy': float(np.mean([s['value'] for s in all_scores])),
+    rows.append({'position': position, 'n': len(scores), **_rates(scores)})
+  return {'task': task, 'seed': seed, **_rates(all_scores),
           'by_position': rows, 'samples': samples, 'predictions': predictions}
 
 
-def format_table(result: dict[str, Any]) -> str:
-  lines = ['| gold position | n | accuracy | value accuracy |', '|---|---|---|---|']
+def _rates(scores: list[dict[str, Any]]) -> dict[str, float]:
+  """accuracy (every part right), value_accuracy and, where scored, dict_accuracy."""
+  out = {'accuracy': float(np.mean([s['all'] for s in scores])),
+         'value_accuracy': float(np.mean([s['value'] for s in scores]))}
+  if scores and scores[0].get('dict') is not None:
+    out['dict_accuracy'] = float(np.mean([s['dict'] for s in scores]))
+  return out
+
+
+_METRICS = (('accuracy', 'both'), ('value_accuracy', 'value'), ('dict_accuracy', 'dictionary'))
+
+
+def format_table(result: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+  """Markdown table of accuracy by gold position; with `before` (the same evaluation of
+  the model before fine-tuning), each metric as `before -> after`."""
+  metrics = [(k, name) for k, name in _METRICS if k in result]
+  cell = lambda b, a, k: (f'{b[k]:.3f} -> {a[k]:.3f}' if b is not None and k in b
+                          else f'{a[k]:.3f}')
+  head = ' | '.join(name for _, name in metrics)
+  lines = [f'| gold position | n | {head} |', '|---|---|' + '---|' * len(metrics)]
+  rows_before = {str(r['position']): r for r in (before or {}).get('by_position', [])}
   for r in result['by_position']:
-    lines.append(f"| {r['position']} | {r['n']} | {r['accuracy']:.3f} | {r['value_accuracy']:.3f} |")
-  lines.append(f"| all | {sum(r['n'] for r in result['by_position'])} | "
-               f"{result['accuracy']:.3f} | {result['value_accuracy']:.3f} |")
+    b = rows_before.get(str(r['position'])) if before is not None else None
+    lines.append(f"| {r['position']} | {r['n']} | "
+                 + ' | '.join(cell(b, r, k) for k, _ in metrics) + ' |')
+  n = sum(r['n'] for r in result['by_position'])
+  lines.append(f'| all | {n} | ' + ' | '.join(cell(before, result, k) for k, _ in metrics)
+               + ' |')
+  if before is not None:
+    lines.insert(0, 'held-out accuracy, before -> after fine-tuning:')
   return '\n'.join(lines)
 
 
 def write(result: dict[str, Any], path_json: str, path_png: str | None = None) -> None:
+  """The result as JSON, and a plot of accuracy by gold position (with the curves of
+  `result['before']`, the base model, when present)."""
   os.makedirs(os.path.dirname(os.path.abspath(path_json)), exist_ok=True)
   with open(path_json, 'w') as f:
     json.dump(result, f, indent=2)
@@ -69,16 +92,22 @@ def write(result: dict[str, Any], path_json: str, path_png: str | None = None) -
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    xs = [float(r['position']) for r in result['by_position']]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(xs, [r['accuracy'] for r in result['by_position']], 'o-', label='value and dictionary')
-    ax.plot(xs, [r['value_accuracy'] for r in result['by_position']], 's--', label='value')
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    curves = [('after', result, '-')] if result.get('before') else [('', result, '-')]
+    if result.get('before'):
+      curves.append(('before', result['before'], ':'))
+    for label, res, style in curves:
+      xs = [float(r['position']) for r in res['by_position']]
+      for (key, name), marker in zip(_METRICS, 'osd'):
+        if key in res:
+          ax.plot(xs, [r[key] for r in res['by_position']], marker + style,
+                  label=f'{label} {name}'.strip())
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel('gold position (depth or index)')
     ax.set_ylabel('accuracy')
-    ax.set_title(f"{result['task']}: held-out accuracy by gold position")
+    ax.set_title(f"{result['task']}: held-out accuracy by gold position", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)
     plt.close(fig)
