@@ -1,14 +1,18 @@
-"""Hugging Face Mistral checkpoints <-> jaxlm models.
+"""Hugging Face Mistral / Llama / Qwen2 checkpoints <-> jaxlm models.
 
 `load_hf` reads a checkpoint directory (config.json plus model.safetensors, or a
 sharded model.safetensors.index.json) tensor by tensor: each tensor is read, laid
 out for jaxlm, and placed on devices (into its target sharding when a mesh is
 given) before the next is read, so host memory holds at most one tensor at a time.
 `save_hf` writes the same format back, again one tensor at a time, so that
-`transformers.MistralForCausalLM.from_pretrained` loads it.
+transformers loads it into the class the config names (`MistralConfig.architecture`:
+MistralForCausalLM, LlamaForCausalLM or Qwen2ForCausalLM). `load_tensors` is the
+loader behind `load_hf` for any source of Hugging Face-named tensors (e.g. GGUF).
 
 Layout: Hugging Face linear weights are [out, in]; jaxlm kernels are [in, out] with
-the head dimension split out, e.g. q_proj [H*Dh, D] -> [D, H, Dh].
+the head dimension split out, e.g. q_proj [H*Dh, D] -> [D, H, Dh]; q/k/v biases
+[H*Dh] -> [H, Dh] (Llama's attention_bias adds an o_proj bias [D] as well). Tied checkpoints have no lm_head.weight (one stored as well is
+accepted when it equals the embedding).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
@@ -33,6 +37,12 @@ class CheckpointError(ValueError):
 
 _SAFETENSORS_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16'}
 _HARMLESS_EXTRA = ('.rotary_emb.inv_freq',)   # buffers some exporters save; recomputed here
+# jaxlm architecture <-> Hugging Face (model_type, class).
+HF_CLASSES = {'mistral': 'MistralForCausalLM', 'llama': 'LlamaForCausalLM',
+              'qwen2': 'Qwen2ForCausalLM'}
+_LLAMA3_KEYS = {'rope_factor': 'factor', 'rope_low_freq_factor': 'low_freq_factor',
+                'rope_high_freq_factor': 'high_freq_factor',
+                'rope_original_max_position': 'original_max_position_embeddings'}
 
 
 # ----------------------------------------------------------------------------- names
@@ -44,11 +54,13 @@ def _layout(cfg: MistralConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
   same = lambda x: x
   transpose = lambda x: x.T
   heads_in = lambda n: (lambda x: x.T.reshape(d, n, dh), lambda x: x.reshape(d, n * dh).T)
+  bias = lambda n: (lambda x: x.reshape(n, dh), lambda x: x.reshape(n * dh))
   table = {
       ('embed',): ('model.embed_tokens.weight', same, same),
       ('final_norm', 'scale'): ('model.norm.weight', same, same),
-      ('lm_head',): ('lm_head.weight', transpose, transpose),
   }
+  if not cfg.tie_word_embeddings:
+    table[('lm_head',)] = ('lm_head.weight', transpose, transpose)
   for i in range(cfg.num_layers):
     p, n = ('layers', i), f'model.layers.{i}.'
     table.update({
@@ -64,6 +76,14 @@ def _layout(cfg: MistralConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
         p + ('mlp', 'up_proj'): (n + 'mlp.up_proj.weight', transpose, transpose),
         p + ('mlp', 'down_proj'): (n + 'mlp.down_proj.weight', transpose, transpose),
     })
+    if cfg.attention_bias:
+      table.update({
+          p + ('attn', 'q_bias'): (n + 'self_attn.q_proj.bias', *bias(h)),
+          p + ('attn', 'k_bias'): (n + 'self_attn.k_proj.bias', *bias(k)),
+          p + ('attn', 'v_bias'): (n + 'self_attn.v_proj.bias', *bias(k)),
+      })
+    if cfg.attention_bias and cfg.architecture == 'llama':
+      table[p + ('attn', 'o_bias')] = (n + 'self_attn.o_proj.bias', same, same)
   return table
 
 
@@ -74,55 +94,122 @@ def _hf_shape(ours_to_hf: Callable, shape: tuple[int, ...]) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- config
 
 
-def config_from_hf(hf: dict[str, Any], **overrides: Any) -> MistralConfig:
-  """MistralConfig from a Hugging Face config.json dict."""
-  archs = hf.get('architectures') or []
-  if hf.get('model_type') != 'mistral' or (archs and 'MistralForCausalLM' not in archs):
-    raise CheckpointError(
-        f'unsupported architecture: model_type={hf.get("model_type")!r}, '
-        f'architectures={archs!r}; jaxlm loads model_type "mistral" (MistralForCausalLM)')
-  if hf.get('tie_word_embeddings', False):
-    raise CheckpointError('unsupported: tie_word_embeddings=True (jaxlm Mistral has an untied LM head)')
-  if hf.get('hidden_act', 'silu') != 'silu':
-    raise CheckpointError(f'unsupported hidden_act={hf["hidden_act"]!r}; Mistral uses "silu"')
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+  """MistralConfig RoPE fields from `rope_parameters` (transformers 5) or `rope_scaling`."""
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-    raise CheckpointError(f'unsupported RoPE scaling {rope!r}; only the default RoPE is implemented')
+  kind = rope.get('rope_type', rope.get('type', 'default'))
+  if kind not in ('default', 'llama3'):
+    raise CheckpointError(f'unsupported RoPE scaling rope_type={kind!r} ({rope!r}); jaxlm '
+                          f"implements 'default' and 'llama3'")
+  if rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0)) != 1.0:
+    raise CheckpointError(f'unsupported RoPE scaling {rope!r}: partial_rotary_factor != 1')
   theta = rope.get('rope_theta', hf.get('rope_theta', 10000.0))
+  fields = dict(rope_theta=float(theta), rope_type=kind)
+  if kind == 'llama3':
+    missing = [key for key in _LLAMA3_KEYS.values() if rope.get(key) is None]
+    if missing:
+      raise CheckpointError(f"RoPE scaling 'llama3' lacks {missing} in {rope!r}")
+    for ours, theirs in _LLAMA3_KEYS.items():
+      fields[ours] = int(rope[theirs]) if ours == 'rope_original_max_position' else float(
+          rope[theirs])
+  return fields
+
+
+def _sliding_window_from_hf(hf: dict[str, Any], model_type: str) -> int | None:
+  if model_type == 'mistral':
+    return hf.get('sliding_window')
+  if model_type == 'llama':
+    return None
+  # qwen2: a window only with use_sliding_window, and then on layers >= max_window_layers
+  # (or as `layer_types` lists); jaxlm has one window for all layers.
+  if not hf.get('use_sliding_window', False) or hf.get('sliding_window') is None:
+    return None
+  n = hf['num_hidden_layers']
+  types = hf.get('layer_types') or [
+      'sliding_attention' if i >= hf.get('max_window_layers', 28) else 'full_attention'
+      for i in range(n)]
+  if set(types) == {'full_attention'}:
+    return None
+  if set(types) != {'sliding_attention'}:
+    raise CheckpointError(
+        f'unsupported: qwen2 use_sliding_window=True with max_window_layers='
+        f'{hf.get("max_window_layers")!r} < num_hidden_layers={n} (layer_types {types}): '
+        f'a sliding window on some layers only is not implemented')
+  return hf['sliding_window']
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> MistralConfig:
+  """MistralConfig from a Hugging Face config.json dict (mistral, llama or qwen2)."""
+  model_type = hf.get('model_type')
+  archs = hf.get('architectures') or []
+  if model_type not in HF_CLASSES or (archs and HF_CLASSES[model_type] not in archs):
+    raise CheckpointError(
+        f'unsupported architecture: model_type={model_type!r}, architectures={archs!r}; '
+        f'jaxlm loads ' + ', '.join(f'model_type "{t}" ({c})' for t, c in HF_CLASSES.items()))
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise CheckpointError(f'unsupported hidden_act={hf["hidden_act"]!r}; jaxlm uses "silu"')
+  if hf.get('mlp_bias', False):
+    raise CheckpointError('unsupported: mlp_bias=True (jaxlm MLPs have no biases)')
+  if model_type == 'qwen2':
+    attention_bias = True   # Qwen2 always has q/k/v biases
+  elif model_type == 'llama':
+    attention_bias = bool(hf.get('attention_bias', False))
+  else:
+    attention_bias = False
   stored = hf.get('dtype') or hf.get('torch_dtype') or 'float32'
   stored = stored if stored in DTYPES else 'float32'
+  bos, eos = hf.get('bos_token_id'), hf.get('eos_token_id')
+  if isinstance(eos, list):
+    eos = eos[0] if eos else None
   fields = dict(
+      architecture=model_type,
       vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
       num_layers=hf['num_hidden_layers'], num_heads=hf['num_attention_heads'],
       num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
       head_dim=hf.get('head_dim') or hf['hidden_size'] // hf['num_attention_heads'],
-      intermediate_size=hf['intermediate_size'], rope_theta=float(theta),
-      sliding_window=hf.get('sliding_window'),
+      intermediate_size=hf['intermediate_size'], **_rope_from_hf(hf),
+      sliding_window=_sliding_window_from_hf(hf, model_type),
       max_position_embeddings=hf.get('max_position_embeddings', 32768),
       rms_norm_eps=hf.get('rms_norm_eps', 1e-6),
+      tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      attention_bias=attention_bias,
       initializer_range=hf.get('initializer_range', 0.02),
-      bos_token_id=hf.get('bos_token_id', 1) if hf.get('bos_token_id') is not None else 1,
-      eos_token_id=hf.get('eos_token_id', 2) if isinstance(hf.get('eos_token_id'), int) else 2,
+      bos_token_id=bos if isinstance(bos, int) else 1,
+      eos_token_id=eos if isinstance(eos, int) else 2,
       param_dtype=stored, dtype=stored)
   fields.update(overrides)
   return MistralConfig(**fields)
 
 
 def config_to_hf(cfg: MistralConfig, dtype: str) -> dict[str, Any]:
-  return {
-      'architectures': ['MistralForCausalLM'], 'model_type': 'mistral',
+  """The config.json of `cfg` for transformers' class `HF_CLASSES[cfg.architecture]`."""
+  rope: dict[str, Any] = {'rope_type': cfg.rope_type, 'rope_theta': cfg.rope_theta}
+  if cfg.rope_type == 'llama3':
+    rope.update({theirs: getattr(cfg, ours) for ours, theirs in _LLAMA3_KEYS.items()})
+  hf = {
+      'architectures': [HF_CLASSES[cfg.architecture]], 'model_type': cfg.architecture,
       'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_size,
       'intermediate_size': cfg.intermediate_size, 'num_hidden_layers': cfg.num_layers,
       'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
       'head_dim': cfg.head_dim, 'hidden_act': 'silu',
       'max_position_embeddings': cfg.max_position_embeddings, 'rms_norm_eps': cfg.rms_norm_eps,
-      'rope_theta': cfg.rope_theta,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-      'sliding_window': cfg.sliding_window, 'tie_word_embeddings': False,
+      'rope_theta': cfg.rope_theta, 'rope_parameters': rope,
+      'tie_word_embeddings': cfg.tie_word_embeddings,
       'initializer_range': cfg.initializer_range, 'attention_dropout': 0.0,
       'bos_token_id': cfg.bos_token_id, 'eos_token_id': cfg.eos_token_id,
       'use_cache': True, 'torch_dtype': dtype, 'dtype': dtype,
   }
+  if cfg.architecture == 'mistral':
+    hf['sliding_window'] = cfg.sliding_window
+  elif cfg.architecture == 'llama':
+    hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
+  else:   # qwen2 (q/k/v biases always): one window for all layers or none
+    window = cfg.sliding_window is not None
+    hf.update(use_sliding_window=window, sliding_window=cfg.sliding_window,
+              max_window_layers=0 if window else cfg.num_layers,
+              layer_types=[('sliding_attention' if window else 'full_attention')] *
+              cfg.num_layers)
+  return hf
 
 
 # ----------------------------------------------------------------------------- load
@@ -150,10 +237,49 @@ def _open(file: str):
     raise CheckpointError(f'{file}: not a readable safetensors file (truncated or corrupt?): {e}') from e
 
 
+class TensorSource(Protocol):
+  """Hugging Face-named tensors in Hugging Face layout, read one at a time.
+
+  Optionally `where(name) -> str` names the file holding a tensor (for messages)."""
+
+  def names(self) -> list[str]: ...
+
+  def shape(self, name: str) -> tuple[int, ...]: ...
+
+  def tensor(self, name: str) -> np.ndarray: ...
+
+
+class _SafetensorsDir:
+  """The tensors of a Hugging Face checkpoint directory (one file or an index)."""
+
+  def __init__(self, path: str):
+    self.files = _tensor_files(path)
+    self._handles = {file: _open(file) for file in sorted(set(self.files.values()))}
+
+  def names(self) -> list[str]:
+    return list(self.files)
+
+  def where(self, name: str) -> str:
+    return self.files[name]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
+
+  def tensor(self, name: str) -> np.ndarray:
+    try:
+      return self._handles[self.files[name]].get_tensor(name)
+    except SafetensorError as e:
+      raise CheckpointError(f'tensor {name} in {self.files[name]} cannot be read '
+                            f'(truncated or corrupt file?): {e}') from e
+
+  def close(self) -> None:
+    self._handles.clear()
+
+
 def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
             rules: dict[str, tuple[str, ...]] | None = None,
             **config_overrides: Any) -> tuple[MistralConfig, Mistral]:
-  """Load a Hugging Face Mistral checkpoint directory into a jaxlm model.
+  """Load a Hugging Face Mistral, Llama or Qwen2 checkpoint directory into a jaxlm model.
 
   dtype: parameter and compute dtype ('float32', 'bfloat16'); None keeps the
     checkpoint's stored dtype. mesh/rules: place each parameter straight into the
@@ -166,6 +292,25 @@ def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | No
     raise CheckpointError(f'{path}: no config.json')
   with open(config_file) as f:
     hf_config = json.load(f)
+  config_from_hf(hf_config)   # an unsupported architecture is reported before any tensor
+  source = _SafetensorsDir(path)
+  try:
+    return load_tensors(hf_config, source, origin=path, dtype=dtype, mesh=mesh, rules=rules,
+                        **config_overrides)
+  finally:
+    source.close()
+
+
+def load_tensors(hf_config: dict[str, Any], source: TensorSource, *, origin: str,
+                 dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                 rules: dict[str, tuple[str, ...]] | None = None,
+                 **config_overrides: Any) -> tuple[MistralConfig, Mistral]:
+  """A jaxlm model from a config.json dict and its tensors, streamed one at a time.
+
+  `load_hf` with safetensors files as `source`; any object with names(), shape(name)
+  and tensor(name) in Hugging Face naming and layout works (origin names it in errors).
+  Arguments as in `load_hf`.
+  """
   if dtype is not None:
     config_overrides = {'param_dtype': dtype, 'dtype': dtype, **config_overrides}
   cfg = config_from_hf(hf_config, **config_overrides)
@@ -174,42 +319,49 @@ def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | No
   graphdef, state = nnx.split(abstract)
   flat = list(nnx.to_flat_state(state))
   layout = _layout(cfg)
-  files = _tensor_files(path)
+  names = set(source.names())
+  where = getattr(source, 'where', lambda name: origin)
 
   expected = {layout[p][0]: (p, v) for p, v in flat}
-  missing = sorted(set(expected) - set(files))
-  extra = sorted(n for n in set(files) - set(expected) if not n.endswith(_HARMLESS_EXTRA))
+  embed_name = layout[('embed',)][0]
+  # Tied checkpoints often store the head anyway; it must then equal the embedding.
+  tied_head = 'lm_head.weight' if cfg.tie_word_embeddings and 'lm_head.weight' in names else None
+  missing = sorted(set(expected) - names)
+  extra = sorted(n for n in names - set(expected) - {tied_head}
+                 if not n.endswith(_HARMLESS_EXTRA))
   if missing or extra:
     raise CheckpointError(
-        f'{path}: checkpoint does not match the config: missing tensors {missing[:8]}'
+        f'{origin}: checkpoint does not match the config: missing tensors {missing[:8]}'
         f'{" ..." if len(missing) > 8 else ""} ({len(missing)}), unexpected tensors '
         f'{extra[:8]}{" ..." if len(extra) > 8 else ""} ({len(extra)})')
 
   # Validate every shape from the headers before reading any data.
-  handles: dict[str, Any] = {}
-  try:
-    for file in sorted(set(files.values())):
-      handles[file] = _open(file)
-    for name, (p, var) in expected.items():
-      got = tuple(handles[files[name]].get_slice(name).get_shape())
-      want = _hf_shape(layout[p][2], var.shape)
-      if got != want:
-        raise CheckpointError(f'tensor {name} has shape {got} in {files[name]}, but the config '
-                              f'expects {want}')
-    target_dtype = DTYPES[cfg.param_dtype]
-    values = []
-    for p, var in flat:
-      name, to_ours, _ = layout[p]
-      try:
-        host = to_ours(handles[files[name]].get_tensor(name))
-      except SafetensorError as e:
-        raise CheckpointError(f'tensor {name} in {files[name]} cannot be read '
-                              f'(truncated or corrupt file?): {e}') from e
-      sharding = shd.param_sharding(var, mesh, rules) if mesh is not None else None
-      values.append((p, var.replace(value=shd.make_array(host, sharding, target_dtype))))
-      del host
-  finally:
-    handles.clear()
+  for name, (p, var) in expected.items():
+    got = tuple(source.shape(name))
+    want = _hf_shape(layout[p][2], var.shape)
+    if got != want:
+      raise CheckpointError(f'tensor {name} has shape {got} in {where(name)}, but the config '
+                            f'expects {want}')
+  if tied_head and tuple(source.shape(tied_head)) != tuple(source.shape(embed_name)):
+    raise CheckpointError(
+        f'tensor {tied_head} has shape {tuple(source.shape(tied_head))} in {where(tied_head)}, '
+        f'but tie_word_embeddings=True expects the embedding\'s {tuple(source.shape(embed_name))}')
+  target_dtype = DTYPES[cfg.param_dtype]
+  values = []
+  for p, var in flat:
+    name, to_ours, _ = layout[p]
+    raw = source.tensor(name)
+    if name == embed_name and tied_head:
+      if not np.array_equal(source.tensor(tied_head), raw):
+        raise CheckpointError(
+            f'{origin}: tie_word_embeddings=True, but tensor {tied_head} differs from '
+            f'{embed_name}; set tie_word_embeddings to false in the config to load the '
+            f'separate head')
+    host = to_ours(raw)
+    del raw
+    sharding = shd.param_sharding(var, mesh, rules) if mesh is not None else None
+    values.append((p, var.replace(value=shd.make_array(host, sharding, target_dtype))))
+    del host
   return cfg, nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
@@ -246,7 +398,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def save_hf(cfg: MistralConfig, model: Mistral, path: str, *, dtype: str | None = None,
             max_shard_bytes: int = 5 * 2**30) -> None:
-  """Write `model` as a Hugging Face checkpoint directory (config.json, safetensors).
+  """Write `model` as a Hugging Face checkpoint directory (config.json, safetensors) for
+  transformers' class of `cfg.architecture` (tied models store no lm_head.weight).
 
   dtype: stored dtype, default the model's parameter dtype. Checkpoints larger than
   max_shard_bytes are split into model-0000i-of-0000n.safetensors files with an index.

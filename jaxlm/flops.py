@@ -2,7 +2,7 @@
 
 Training FLOPs per token = 3 x forward (backward is twice the forward):
   forward = 2 x (matmul parameters: attention projections, MLP, LM head; the embedding
-            lookup is a gather, not a matmul)
+            lookup is a gather, not a matmul; a tied table counts once, as the head)
           + 4 x layers x heads x head_dim x (mean keys each query attends to)
 The mean number of visible keys is (T+1)/2 for causal attention over T tokens and
 shrinks further with a sliding window W: mean over t of min(t+1, W). Packed sequences
@@ -43,8 +43,15 @@ def mean_visible_keys(seq_len: int, sliding_window: int | None, causal: bool = T
 
 
 def matmul_params(cfg) -> int:
-  return cfg.num_params() - cfg.vocab_size * cfg.hidden_size - cfg.hidden_size * (
-      2 * cfg.num_layers + 1)   # minus the embedding table and the norm scales
+  """Parameters used in matmuls: attention projections, MLP and the LM head (also when it
+  is tied to the embedding table, which is then counted once, as the head)."""
+  params = cfg.num_params() - cfg.hidden_size * (2 * cfg.num_layers + 1)   # minus norm scales
+  if cfg.attention_bias:   # biases are additions, not matmuls
+    params -= cfg.num_layers * cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads)
+    params -= cfg.num_layers * cfg.hidden_size if cfg.architecture == 'llama' else 0   # o_proj
+  if not cfg.tie_word_embeddings:
+    params -= cfg.vocab_size * cfg.hidden_size   # the embedding lookup is a gather
+  return params
 
 
 def forward_flops_per_token(cfg, seq_len: int) -> float:

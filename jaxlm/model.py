@@ -1,13 +1,19 @@
-"""Mistral in flax.nnx: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+"""The Mistral/Llama family in flax.nnx: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+One implementation covers Mistral (sliding window), Llama (tied embeddings, explicit
+head_dim, Llama 3.1/3.2 'llama3' RoPE scaling) and Qwen2 (q/k/v projection biases);
+`MistralConfig.architecture` records which Hugging Face class a model is saved as.
 
 Every parameter carries logical axis names (metadata key `out_sharding`) drawn from
 `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; `jaxlm.sharding` maps them
-to mesh axes. Shapes use suffixes: B batch, T query length, S key length, D model
-width, H query heads, K key/value heads, Dh head width, F MLP width, V vocabulary.
+to mesh axes. Shapes use suffixes: B batch, T query length, S key length, K gathered
+logit positions (or key/value heads in weight shapes), D model width, H query heads,
+Dh head width, F MLP width, V vocabulary.
 
 Weights follow Hugging Face's layout after a transpose and a reshape (see
 `jaxlm.convert`), including its rotate-half RoPE convention, so logits match
-`transformers.MistralForCausalLM` to float32 rounding.
+`transformers` (MistralForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM) to float32
+rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from flax import nnx
 from jaxlm.attention import IMPLEMENTATIONS, attend
 from jaxlm.sharding import constrain
 
+ARCHITECTURES = ('mistral', 'llama', 'qwen2')
+ROPE_TYPES = ('default', 'llama3')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Rematerialization of each block in the backward pass: what is saved from the forward.
 REMAT_POLICIES = {
@@ -34,7 +42,8 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
-  """Architecture and numerics of a Mistral model. Defaults are Mistral 7B v0.1."""
+  """Architecture and numerics of a Mistral/Llama/Qwen2 model. Defaults are Mistral 7B v0.1."""
+  architecture: str = 'mistral'        # Hugging Face class saved as: 'mistral' | 'llama' | 'qwen2'
   vocab_size: int = 32000
   hidden_size: int = 4096
   num_layers: int = 32
@@ -43,9 +52,17 @@ class MistralConfig:
   head_dim: int = 128
   intermediate_size: int = 14336
   rope_theta: float = 10000.0
+  # RoPE scaling: 'default' (none) or 'llama3' (Llama 3.1/3.2) with the four fields below.
+  rope_type: str = 'default'
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
   sliding_window: int | None = 4096    # None: full causal attention
   max_position_embeddings: int = 32768
   rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = False    # True: no lm_head; logits = x @ embed.T
+  attention_bias: bool = False         # q/k/v projection biases (Qwen2); with 'llama' also o_proj's
   initializer_range: float = 0.02
   bos_token_id: int = 1
   eos_token_id: int = 2
@@ -88,6 +105,38 @@ class MistralConfig:
       if getattr(self, name) not in DTYPES:
         raise ValueError(f'MistralConfig.{name}={getattr(self, name)!r} is not one of '
                          f'{sorted(DTYPES)}')
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f'MistralConfig.architecture={self.architecture!r} is not one of '
+                       f'{ARCHITECTURES}')
+    if self.architecture == 'llama' and self.sliding_window is not None:
+      raise ValueError(f'MistralConfig.sliding_window={self.sliding_window!r} with '
+                       f"architecture='llama': Llama has no sliding window (set it to None)")
+    if self.architecture == 'mistral' and self.attention_bias:
+      raise ValueError("MistralConfig.attention_bias=True with architecture='mistral': "
+                       "Mistral has no q/k/v biases (use architecture 'qwen2' or 'llama')")
+    if self.architecture == 'qwen2' and not self.attention_bias:
+      raise ValueError("MistralConfig.attention_bias=False with architecture='qwen2': Qwen2 "
+                       'always has q/k/v biases (set attention_bias=True)')
+    for name in ('tie_word_embeddings', 'attention_bias'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'MistralConfig.{name} must be a bool, got {getattr(self, name)!r}')
+    if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+      raise ValueError(f'MistralConfig.rope_theta must be positive, got {self.rope_theta!r}')
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'MistralConfig.rope_type={self.rope_type!r} is not one of {ROPE_TYPES}')
+    if self.rope_type == 'llama3':
+      for name in ('rope_factor', 'rope_low_freq_factor', 'rope_high_freq_factor'):
+        value = getattr(self, name)
+        if not isinstance(value, (int, float)) or value <= 0:
+          raise ValueError(f'MistralConfig.{name} must be positive, got {value!r}')
+      if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+        raise ValueError(
+            f'MistralConfig.rope_high_freq_factor={self.rope_high_freq_factor!r} must be greater '
+            f'than rope_low_freq_factor={self.rope_low_freq_factor!r}')
+      value = self.rope_original_max_position
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'MistralConfig.rope_original_max_position must be a positive int, '
+                         f'got {value!r}')
 
   def replace(self, **overrides: Any) -> 'MistralConfig':
     fields = {f.name for f in dataclasses.fields(self)}
@@ -99,8 +148,12 @@ class MistralConfig:
   def num_params(self) -> int:
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    if self.attention_bias:
+      attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
+      attn += d if self.architecture == 'llama' else 0
     block = attn + 3 * d * f + 2 * d
-    return self.num_layers * block + 2 * v * d + d
+    embeddings = (1 if self.tie_word_embeddings else 2) * v * d
+    return self.num_layers * block + embeddings + d
 
 
 PRESETS: dict[str, MistralConfig] = {
@@ -140,6 +193,7 @@ HEADS_ACT = ('act_batch', 'act_length', 'act_heads', None)
 KV_HEADS_ACT = ('act_batch', 'act_length', 'act_kv_heads', None)
 MLP_ACT = ('act_batch', 'act_length', 'act_mlp')
 VOCAB_ACT = ('act_batch', 'act_length', 'act_vocab')
+GATHERED_VOCAB_ACT = ('act_batch', None, 'act_vocab')   # logits at a few gathered positions
 
 
 def _act(x: jax.Array, names=EMBED_ACT) -> jax.Array:
@@ -170,10 +224,32 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
 
 
-def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half convention (first and second halves of Dh paired)."""
-  dh = x_BxTxNxDh.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+def rope_inv_freq(cfg: MistralConfig) -> jax.Array:
+  """Float32 inverse frequencies [Dh/2] of the rotary embedding, scaled as cfg.rope_type says.
+
+  'llama3' (Llama 3.1/3.2): frequencies whose wavelength exceeds original_max /
+  low_freq_factor are divided by `factor`, those with a wavelength below original_max /
+  high_freq_factor are kept, and the band between is interpolated smoothly (the formula of
+  transformers' `_compute_llama3_parameters`)."""
+  dh = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  if cfg.rope_type == 'default':
+    return inv_freq
+  factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_position
+  low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+  wavelen = 2 * np.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled).astype(jnp.float32)
+
+
+def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, rotate-half convention (first and second halves of Dh paired).
+
+  inv_freq: float32 [Dh/2] from `rope_inv_freq`."""
   angles_BxTxDh2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
   angles_BxTxDh = jnp.concatenate([angles_BxTxDh2, angles_BxTxDh2], axis=-1)[:, :, None, :]
   cos, sin = jnp.cos(angles_BxTxDh), jnp.sin(angles_BxTxDh)
@@ -191,6 +267,13 @@ class Attention(nnx.Module):
     self.k_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg)
     self.v_proj = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), cfg)
     self.o_proj = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), cfg)
+    if cfg.attention_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias = _param(rngs, (h, dh), ('heads', 'head_dim'), cfg, zeros)
+      self.k_bias = _param(rngs, (k, dh), ('kv_heads', 'head_dim'), cfg, zeros)
+      self.v_bias = _param(rngs, (k, dh), ('kv_heads', 'head_dim'), cfg, zeros)
+    if cfg.attention_bias and cfg.architecture == 'llama':   # transformers' Llama: o_proj too
+      self.o_bias = _param(rngs, (d,), ('embed',), cfg, nnx.initializers.zeros)
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False):
     """cache: None, or (k_BxSxKxDh, v_BxSxKxDh, kv_positions_BxS, kv_segment_ids_BxS, index)
@@ -198,11 +281,17 @@ class Attention(nnx.Module):
     natural: positions are 0..T-1 and segment_ids_BxT is None, so kernels with static
     masks (cudnn, splash) apply."""
     cfg, dt = self.cfg, x_BxTxD.dtype
-    q = _act(_matmul(x_BxTxD, self.q_proj[...].astype(dt)), HEADS_ACT)
-    k = _act(_matmul(x_BxTxD, self.k_proj[...].astype(dt)), KV_HEADS_ACT)
-    v = _act(_matmul(x_BxTxD, self.v_proj[...].astype(dt)), KV_HEADS_ACT)
-    q = rope(q, positions_BxT, cfg.rope_theta)
-    k = rope(k, positions_BxT, cfg.rope_theta)
+    q = _matmul(x_BxTxD, self.q_proj[...].astype(dt))
+    k = _matmul(x_BxTxD, self.k_proj[...].astype(dt))
+    v = _matmul(x_BxTxD, self.v_proj[...].astype(dt))
+    if cfg.attention_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    q, k, v = _act(q, HEADS_ACT), _act(k, KV_HEADS_ACT), _act(v, KV_HEADS_ACT)
+    inv_freq = rope_inv_freq(cfg)
+    q = rope(q, positions_BxT, inv_freq)
+    k = rope(k, positions_BxT, inv_freq)
     impl, block = cfg.attention_impl, dict(block_q=cfg.attention_block_q,
                                            block_kv=cfg.attention_block_kv)
     if cache is None:
@@ -224,7 +313,10 @@ class Attention(nnx.Module):
     out = attend(q, k.astype(dt), v.astype(dt), impl=impl, causal=True,
                  sliding_window=cfg.sliding_window, ring_layout=cfg.ring_layout, **block,
                  **masks)
-    return _matmul(out, self.o_proj[...].astype(dt), n_in=2), new_kv
+    out = _matmul(out, self.o_proj[...].astype(dt), n_in=2)
+    if cfg.attention_bias and cfg.architecture == 'llama':
+      out = out + self.o_bias[...].astype(dt)
+    return out, new_kv
 
 
 class MLP(nnx.Module):
@@ -284,19 +376,25 @@ class KVCache:
 
 
 class Mistral(nnx.Module):
-  """Decoder-only Mistral with an untied LM head."""
+  """Decoder-only Mistral/Llama/Qwen2: an LM head of its own, or tied to the embedding."""
 
   def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'), cfg)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg, rngs=rngs)
-    self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-               *, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+               *, segment_ids_BxT: jax.Array | None = None,
+               logit_positions_BxK: jax.Array | None = None) -> jax.Array:
     """Float32 logits [B, T, V]. Positions default to 0..T-1; tokens attend only to
-    earlier tokens of the same segment (segment ids default to all zeros)."""
+    earlier tokens of the same segment (segment ids default to all zeros).
+
+    logit_positions_BxK: int32 indices into T; when given, only those positions go
+    through the final norm and the output projection and the result is [B, K, V]
+    (answer-only training needs logits at a few positions of a long sequence)."""
     B, T = tokens_BxT.shape
     natural = positions_BxT is None and segment_ids_BxT is None
     if positions_BxT is None:
@@ -311,6 +409,9 @@ class Mistral(nnx.Module):
         run = lambda blk, x, p, s: blk(x, p, s, natural=natural)[0]
         x = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])(
             block, x, positions_BxT, segment_ids_BxT)
+    if logit_positions_BxK is not None:
+      x = jnp.take_along_axis(x, logit_positions_BxK.astype(jnp.int32)[..., None], axis=1)
+      return self._logits(x, names=GATHERED_VOCAB_ACT)
     return self._logits(x)
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
@@ -339,10 +440,13 @@ class Mistral(nnx.Module):
   def _embed(self, tokens_BxT):
     return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(DTYPES[self.cfg.dtype])
 
-  def _logits(self, x_BxTxD):
+  def _logits(self, x_BxTxD, names=VOCAB_ACT):
     x_BxTxD = self.final_norm(x_BxTxD)
-    return _act(_matmul(x_BxTxD, self.lm_head[...].astype(x_BxTxD.dtype),
-                        preferred_element_type=jnp.float32), VOCAB_ACT)
+    if self.cfg.tie_word_embeddings:
+      head_DxV = self.embed[...].astype(x_BxTxD.dtype).T
+    else:
+      head_DxV = self.lm_head[...].astype(x_BxTxD.dtype)
+    return _act(_matmul(x_BxTxD, head_DxV, preferred_element_type=jnp.float32), names)
 
 
 def init_model(cfg: MistralConfig, seed: int = 0) -> Mistral:

@@ -109,11 +109,21 @@ def test_missing_and_extra_tensors_are_named(hf_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize('edit, match', [
-    (dict(model_type='llama', architectures=['LlamaForCausalLM']),
-     "unsupported architecture: model_type='llama'"),
-    (dict(tie_word_embeddings=True), 'tie_word_embeddings=True'),
+    (dict(model_type='gemma', architectures=['GemmaForCausalLM']),
+     r"unsupported architecture: model_type='gemma'.*\(LlamaForCausalLM\)"),
+    (dict(model_type='llama', architectures=['MistralForCausalLM']),
+     r"unsupported architecture: model_type='llama', architectures=\['MistralForCausalLM'\]"),
+    # the checkpoint's lm_head.weight is not its embedding
+    (dict(tie_word_embeddings=True), 'tie_word_embeddings=True, but tensor lm_head.weight differs'),
     (dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 1e4}),
-     'unsupported RoPE scaling'),
+     "unsupported RoPE scaling rope_type='yarn'"),
+    (dict(rope_parameters=None, rope_scaling={'type': 'dynamic', 'factor': 2.0}),
+     "unsupported RoPE scaling rope_type='dynamic'"),
+    (dict(rope_parameters={'rope_type': 'llama3', 'factor': 8.0, 'rope_theta': 1e4}),
+     r"RoPE scaling 'llama3' lacks \['low_freq_factor', 'high_freq_factor', "
+     r"'original_max_position_embeddings'\]"),
+    (dict(model_type='llama', architectures=['LlamaForCausalLM'], mlp_bias=True), 'mlp_bias=True'),
+    (dict(hidden_act='gelu'), "unsupported hidden_act='gelu'"),
 ])
 def test_unsupported_configs(hf_checkpoint, tmp_path, edit, match):
   path = _copy(hf_checkpoint[0], tmp_path / 'ckpt')
@@ -131,3 +141,64 @@ def test_legacy_rope_theta_field():
       rope_theta=1e6, sliding_window=None, torch_dtype='bfloat16'))
   assert cfg == convert.config_from_hf(convert.config_to_hf(cfg, 'bfloat16'))
   assert (cfg.rope_theta, cfg.head_dim, cfg.param_dtype) == (1e6, 128, 'bfloat16')
+
+
+# Llama 3.2 1B's config.json as published (transformers 4 names: rope_scaling, rope_theta).
+LLAMA32 = dict(
+    architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=128256,
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, hidden_act='silu', max_position_embeddings=131072,
+    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, attention_bias=False,
+    mlp_bias=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+    rope_scaling={'factor': 32.0, 'high_freq_factor': 4.0, 'low_freq_factor': 1.0,
+                  'original_max_position_embeddings': 8192, 'rope_type': 'llama3'},
+    torch_dtype='bfloat16')
+
+
+def test_llama3_config_and_params():
+  cfg = convert.config_from_hf(LLAMA32)
+  assert (cfg.architecture, cfg.tie_word_embeddings, cfg.attention_bias, cfg.sliding_window) == (
+      'llama', True, False, None)
+  assert (cfg.rope_type, cfg.rope_theta, cfg.rope_factor, cfg.rope_low_freq_factor,
+          cfg.rope_high_freq_factor, cfg.rope_original_max_position) == (
+              'llama3', 5e5, 32.0, 1.0, 4.0, 8192)
+  assert (cfg.bos_token_id, cfg.eos_token_id) == (128000, 128001)
+  assert cfg.num_params() == 1_235_814_400   # Llama 3.2 1B, tied: one 128256 x 2048 table
+  old = dict(LLAMA32, rope_scaling=dict(LLAMA32['rope_scaling'], type='llama3'))
+  del old['rope_scaling']['rope_type']
+  assert convert.config_from_hf(old) == cfg
+
+
+def _qwen2(**edit):
+  return dict(dict(model_type='qwen2', architectures=['Qwen2ForCausalLM'], vocab_size=256,
+                   hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False,
+                   sliding_window=32768, max_window_layers=28, tie_word_embeddings=True,
+                   rope_theta=1e6), **edit)
+
+
+def test_qwen2_config_biases_and_windows():
+  cfg = convert.config_from_hf(_qwen2())
+  assert (cfg.architecture, cfg.attention_bias, cfg.sliding_window) == ('qwen2', True, None)
+  assert convert.config_from_hf(_qwen2(use_sliding_window=True)).sliding_window is None  # 28 >= 4
+  assert convert.config_from_hf(
+      _qwen2(use_sliding_window=True, max_window_layers=0)).sliding_window == 32768
+  with pytest.raises(CheckpointError, match=r'qwen2 use_sliding_window=True with '
+                                            r'max_window_layers=2 < num_hidden_layers=4'):
+    convert.config_from_hf(_qwen2(use_sliding_window=True, max_window_layers=2))
+
+
+@pytest.mark.parametrize('fields', [
+    dict(),
+    dict(architecture='llama', sliding_window=None, tie_word_embeddings=True),
+    dict(architecture='llama', sliding_window=None, attention_bias=True, rope_type='llama3',
+         rope_factor=2.0, rope_original_max_position=64),
+    dict(architecture='qwen2', attention_bias=True, sliding_window=None),
+    dict(architecture='qwen2', attention_bias=True, sliding_window=16, tie_word_embeddings=True),
+], ids=['mistral', 'llama-tied', 'llama-bias-llama3', 'qwen2', 'qwen2-window-tied'])
+def test_config_to_hf_and_back(fields):
+  from jaxlm.model import get_config
+  cfg = get_config('tiny', **fields)
+  hf = convert.config_to_hf(cfg, 'float32')
+  assert hf['model_type'] == cfg.architecture
+  assert convert.config_from_hf(hf) == cfg

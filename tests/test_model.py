@@ -62,10 +62,22 @@ def test_bfloat16_load_runs_and_stays_close(hf_checkpoint):
   assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
-def test_param_counts_and_axis_names():
+FAMILY = {   # the tiny preset as each member of the family
+    'mistral': {},
+    'llama-tied': dict(architecture='llama', sliding_window=None, tie_word_embeddings=True),
+    'llama-bias-llama3': dict(architecture='llama', sliding_window=None, attention_bias=True,
+                              rope_type='llama3', rope_factor=4.0, rope_original_max_position=16),
+    'qwen2-tied': dict(architecture='qwen2', attention_bias=True, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize('fields', list(FAMILY.values()), ids=list(FAMILY))
+def test_param_counts_and_axis_names(fields):
   assert get_config('mistral-7b-v0.1').num_params() == 7_241_732_096  # published size
-  cfg = get_config('tiny')
+  cfg = get_config('tiny', **fields)
   model = init_model(cfg)
+  assert hasattr(model, 'lm_head') != cfg.tie_word_embeddings
+  assert hasattr(model.layers[0].attn, 'q_bias') == cfg.attention_bias
   params = nnx.state(model, nnx.Param)
   assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
   allowed = {'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp'}
@@ -87,6 +99,17 @@ def test_presets():
     (dict(dtype='float64'), "dtype='float64'"),
     (dict(sliding_window=0), 'sliding_window'),
     (dict(hidden_size=0), 'hidden_size must be a positive int, got 0'),
+    (dict(architecture='gpt2'), "architecture='gpt2' is not one of"),
+    (dict(architecture='llama'), "sliding_window=16 with architecture='llama'"),
+    (dict(attention_bias=True), "attention_bias=True with architecture='mistral'"),
+    (dict(architecture='qwen2'), "attention_bias=False with architecture='qwen2'"),
+    (dict(rope_type='yarn'), "rope_type='yarn' is not one of"),
+    (dict(rope_type='llama3', rope_factor=0.0), 'rope_factor must be positive, got 0.0'),
+    (dict(rope_type='llama3', rope_high_freq_factor=1.0),
+     'rope_high_freq_factor=1.0 must be greater than rope_low_freq_factor=1.0'),
+    (dict(rope_type='llama3', rope_original_max_position=0),
+     'rope_original_max_position must be a positive int, got 0'),
+    (dict(tie_word_embeddings=1), 'tie_word_embeddings must be a bool, got 1'),
 ])
 def test_config_errors_name_the_field(bad, match):
   with pytest.raises(ValueError, match=match):
@@ -111,3 +134,41 @@ def test_gradients_are_finite_and_nonzero():
   grads = nnx.grad(loss)(model)
   for path, g in nnx.to_flat_state(grads):
     assert np.isfinite(g[...]).all() and np.abs(g[...]).max() > 0, path
+
+
+@pytest.mark.parametrize('name', ['mistral', 'qwen2-tied'])
+def test_logit_positions_equal_gathered_full_logits_and_grads(name):
+  """Logits at chosen positions only: the same values and parameter gradients as
+  gathering the full logits (answer-only training computes the head at a few positions)."""
+  model = init_model(get_config('tiny', **FAMILY[name]), seed=5)
+  rs = np.random.RandomState(5)
+  tokens = jnp.asarray(rs.randint(0, 512, (2, 31)))   # the shapes of the test above
+  where = jnp.asarray(np.stack([np.sort(rs.choice(30, 4, replace=False)) for _ in range(2)]),
+                      jnp.int32)
+  targets = jnp.take_along_axis(tokens, where + 1, axis=1)
+
+  def loss(m, gathered):
+    if gathered:
+      logits = m(tokens, logit_positions_BxK=where)
+    else:
+      logits = jnp.take_along_axis(m(tokens), where[..., None], axis=1)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+  full = jnp.take_along_axis(model(tokens), where[..., None], axis=1)
+  some = model(tokens, logit_positions_BxK=where)
+  assert some.shape == (2, 4, 512) and some.dtype == jnp.float32
+  np.testing.assert_allclose(some, full, atol=1e-6, rtol=0)
+  a = nnx.to_flat_state(nnx.grad(loss)(model, True))
+  b = nnx.to_flat_state(nnx.grad(loss)(model, False))
+  for (path, x), (_, y) in zip(a, b):
+    np.testing.assert_allclose(x[...], y[...], atol=1e-6, rtol=1e-5, err_msg=str(path))
+
+
+def test_tied_head_counts_as_matmul_in_flops():
+  from jaxlm import flops
+  untied = get_config('tiny', architecture='llama', sliding_window=None)
+  tied = untied.replace(tie_word_embeddings=True)
+  bias = untied.replace(attention_bias=True)
+  assert tied.num_params() == untied.num_params() - 512 * 64
+  assert flops.matmul_params(tied) == flops.matmul_params(untied) == flops.matmul_params(bias)
+  assert bias.num_params() == untied.num_params() + 2 * (16 * (4 + 2 * 2) + 64)
