@@ -137,3 +137,59 @@ def test_errors(tok):
     make_dataset(config(chat_format='chatml'), tok)
   with pytest.raises(TaskConfigError, match=r"unknown field\(s\) \['seqlen'\] for DataConfig"):
     DataConfig.from_dict({'seqlen': 5})
+
+
+def _features_digest(tok, chat_format, fields):
+  import hashlib
+  from jaxlm.data.pipeline import prompt_ids
+  task = make_task('simple_kv', tok, **fields)
+  h = hashlib.sha256()
+  for i in range(20):
+    ex = task.example(7, i)
+    f = to_features(ex, tok, chat_format)
+    for k in ('inputs', 'targets', 'loss_mask'):
+      h.update(np.asarray(f[k], np.int32).tobytes())
+    h.update(np.asarray(prompt_ids(ex, tok, chat_format), np.int32).tobytes())
+  return h.hexdigest()[:16]
+
+
+def test_mistral_and_none_features_keep_their_token_ids(tok):
+  """Digests of the features (with extra turns) that pipeline.py produced before chat
+  formats became data (commit 265a386): 'none' and 'mistral' are unchanged."""
+  from jaxlm.tokenizer import REPO_ROOT
+  pairs = Tokenizer(f'{REPO_ROOT}/data/tokenizers/kv-tiny-pairs.model')
+  fields = dict(num_dicts=4, keys_per_dict=(2, 2), gold_dict_size=2, key_digits=(1, 1),
+                value_digits=(1, 1), unique_keys='all', extra_unique_values=True,
+                answer_template=True, extra_queries=3)
+  assert _features_digest(pairs, 'none', fields) == 'a1a08d9d3718f119'
+  assert _features_digest(pairs, 'mistral', fields) == 'bd767219bb988801'
+  assert _features_digest(tok, 'mistral', {**fields, 'key_digits': (2, 3),
+                                           'extra_question': 'short'}) == 'efe5da69806d5efe'
+  assert _features_digest(tok, 'none', fields) == 'd49c3fad7ac74268'
+
+
+def test_auto_chat_format_follows_the_checkpoint(tok):
+  from jaxlm import embedded
+  from jaxlm.tokenizer import load_tokenizer
+  try:
+    smol = load_tokenizer('embedded:smollm2-135m-instruct')
+  except embedded.EmbeddedModelError as e:
+    pytest.skip(f'the embedded SmolLM2 GGUF is not installed: {e}')
+  fields = {'num_dicts': 3, 'keys_per_dict': (2, 3), 'extra_queries': 1}
+  cfg = config(chat_format='auto', task_fields=fields, seq_len=320)
+  assert DataConfig().chat_format == 'mistral'
+  task = make_task('simple_kv', smol, **cfg.task_fields)
+  answers = {a for i in range(40) for a in [task.example(3, i).answer]
+             + [r for _, r in task.example(3, i).turns]}
+  batch = next(iter(make_dataset(cfg, smol)))
+  for row in range(2):
+    targets, mask, inputs = batch['targets'][row], batch['loss_mask'][row], batch['inputs'][row]
+    assert smol.decode(inputs[:3], skip_special=False).startswith('<|im_start|>system\n')
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    assert len(edges) == 4   # the answer and one extra turn's
+    for start, stop in zip(edges[::2], edges[1::2]):
+      text = smol.decode(targets[start:stop], skip_special=False)
+      assert text.endswith('<|im_end|>') and text[:-len('<|im_end|>')] in answers
+  # 'auto' on the Mistral tokenizer (no chat template) is Mistral's format
+  auto = next(iter(make_dataset(config(chat_format='auto'), tok)))
+  np.testing.assert_array_equal(auto['inputs'], next(iter(make_dataset(config(), tok)))['inputs'])

@@ -11,8 +11,9 @@ padded sequences -> batches.
       .batch(per_host_batch)
 
 Every batch is a dict of [B, T] int32 arrays: `inputs`, `targets`, `loss_mask` (1 on
-answer tokens, including eos), `positions` (restart at 0 for each example) and
-`segment_ids` (1, 2, ... for the examples in a row, 0 for padding). The iterator's
+answer tokens, including the chat format's end-of-turn token: eos for Mistral, <|im_end|>
+for ChatML), `positions` (restart at 0 for each example) and `segment_ids` (1, 2, ... for
+the examples in a row, 0 for padding). The iterator's
 state (`get_state()` / `set_state()`) restores the exact next batch.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxlm import chat
 from jaxlm.data.common import Example, TaskConfigError, replace_fields
 from jaxlm.data.tasks import make_task
 
@@ -43,7 +45,9 @@ class DataConfig:
   global_batch_size: int = 8
   packing: bool = False               # first-fit packing of several examples per row
   num_packing_bins: int = 8
-  chat_format: str = 'mistral'        # 'mistral': <s>[INST] {prompt} [/INST]{answer}</s>; 'none'
+  chat_format: str = 'mistral'        # jaxlm.chat.FORMATS: 'mistral' (<s>[INST] {prompt} [/INST]
+                                      # {answer}</s>), 'chatml', 'llama3', 'none' (raw prompt),
+                                      # or 'auto' (the tokenizer's checkpoint's format)
   on_long: str = 'error'              # an example longer than seq_len: 'error' | 'skip'
   num_threads: int = 0                # grain read threads (0: in the main thread)
   num_workers: int = 0                # grain worker processes (0: none)
@@ -54,29 +58,41 @@ class DataConfig:
     return replace_fields(cls(), d)
 
 
-def format_prompt(prompt: str, chat_format: str) -> str:
-  if chat_format == 'mistral':
-    return f'[INST] {prompt} [/INST]'
-  if chat_format == 'none':
-    return prompt
-  raise TaskConfigError(f"chat_format={chat_format!r} must be 'mistral' or 'none'")
+def format_prompt(prompt: str, chat_format) -> str:
+  """The text of a chat-formatted first user turn (bos not included); `chat_format` is a
+  name of jaxlm.chat.FORMATS or a ChatFormat ('auto' needs a tokenizer: see prompt_ids)."""
+  try:
+    return chat.render_prompt(chat.get_format(chat_format), prompt)
+  except chat.ChatFormatError as e:
+    raise TaskConfigError(str(e)) from None
 
 
-def prompt_ids(example: Example, tokenizer, chat_format: str) -> list[int]:
-  """bos + the (chat-formatted) prompt: what a model sees before it answers."""
-  return tokenizer.encode(format_prompt(example.prompt, chat_format), bos=True)
+def resolve_chat_format(chat_format, tokenizer) -> chat.ChatFormat:
+  """The ChatFormat a config names ('auto': the tokenizer's), checked against the tokenizer."""
+  try:
+    return chat.resolve(chat_format, tokenizer)
+  except chat.ChatFormatError as e:
+    raise TaskConfigError(str(e)) from None
 
 
-def to_features(example: Example, tokenizer, chat_format: str) -> dict[str, np.ndarray]:
+def prompt_ids(example: Example, tokenizer, chat_format) -> list[int]:
+  """[bos] + the (chat-formatted) prompt: what a model sees before it answers."""
+  fmt = resolve_chat_format(chat_format, tokenizer)
+  return chat.prompt_ids(fmt, tokenizer, example.prompt)
+
+
+def to_features(example: Example, tokenizer, chat_format) -> dict[str, np.ndarray]:
   """Next-token features of prompt + answer; the loss mask is 1 exactly where the
-  target is an answer token (the answer is tokenized on its own and ends with eos,
-  as Mistral's instruct tokenizer does for assistant turns)."""
-  prompt = prompt_ids(example, tokenizer, chat_format)
-  answer = tokenizer.encode(example.answer, bos=False, eos=True)
+  target is an answer token or the end-of-turn token that closes it (the answer is
+  tokenized on its own, as instruct tokenizers do for assistant turns). Later turns
+  (`example.turns`) follow in the same format; the text between turns carries no loss."""
+  fmt = resolve_chat_format(chat_format, tokenizer)
+  prompt = chat.prompt_ids(fmt, tokenizer, example.prompt)
+  answer = chat.answer_ids(fmt, tokenizer, example.answer)
   tokens, labelled = prompt + answer, [0] * len(prompt) + [1] * len(answer)
-  for question, reply in example.turns:   # later turns: [INST] q [/INST]a</s> (Mistral)
-    q = tokenizer.encode(format_prompt(question, chat_format), bos=False)
-    a = tokenizer.encode(reply, bos=False, eos=True)
+  for question, reply in example.turns:   # e.g. Mistral: [INST] q [/INST]a</s>
+    q = chat.turn_ids(fmt, tokenizer, question)
+    a = chat.answer_ids(fmt, tokenizer, reply)
     tokens += q + a
     labelled += [0] * len(q) + [1] * len(a)
   tokens = np.array(tokens, np.int32)
@@ -148,7 +164,7 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
                           f'process_count={process_count}')
   if c.on_long not in ('error', 'skip'):
     raise TaskConfigError(f"on_long={c.on_long!r} must be 'error' or 'skip'")
-  format_prompt('', c.chat_format)  # validates chat_format
+  fmt = resolve_chat_format(c.chat_format, tokenizer)  # 'auto' -> the checkpoint's format
   if c.num_examples is not None and c.num_examples < process_count:
     raise TaskConfigError(f'num_examples={c.num_examples} < process_count={process_count}')
   ds = grain.MapDataset.range(c.num_examples if c.num_examples is not None else sys.maxsize)
@@ -157,7 +173,7 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
       ds = ds.shuffle(seed=c.seed)
     ds = ds.repeat(c.num_epochs)
   ds = ds[process_index::process_count]
-  ds = ds.map(_Generate(task, c.seed)).map(_Featurize(tokenizer, c.chat_format))
+  ds = ds.map(_Generate(task, c.seed)).map(_Featurize(tokenizer, fmt))
   ds = ds.filter(_CheckLength(c.seq_len, c.on_long))
   # Always explicit: `None` would mean Grain's default of 16 threads and a 500-element buffer.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads,

@@ -22,6 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxlm.chat import NAMES as CHAT_FORMATS
 from jaxlm.evaluate.common import DataError, Options
 from jaxlm.evaluate.harness import format_scores, run_suites
 
@@ -45,8 +46,9 @@ _N = flags.DEFINE_integer('num_examples', None, 'examples per setting (default: 
 _SHOTS = flags.DEFINE_integer('shots', None, "few-shot examples (default: each benchmark's)")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, "override each suite's generation length")
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'sequences per model call')
-_CHAT = flags.DEFINE_string('chat_format', None, "mistral | none (default: the config's, "
-                            "else mistral)")
+_CHAT = flags.DEFINE_enum('chat_format', None, list(CHAT_FORMATS),
+                          "prompt format (jaxlm.chat): mistral | chatml | llama3 | none | auto "
+                          "(the tokenizer's chat template); default: the config's, else mistral")
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'sentencepiece model (overrides the default)')
 _DTYPE = flags.DEFINE_string('dtype', None, 'compute dtype with --hf (float32, bfloat16)')
 _MESH = flags.DEFINE_string('mesh', 'fsdp:-1', 'mesh with --hf, e.g. data:2,fsdp:-1')
@@ -158,6 +160,7 @@ def main(argv):
               'mesh': dict(mesh.shape), 'device_kind': jax.devices()[0].device_kind}
   name = _NAME.value or os.path.basename(os.path.normpath(_OUT.value))
   runner = Runner(model, tokenizer, chat_format=chat, batch_size=_BATCH.value)
+  source['chat_format'] = runner.chat_format   # 'auto' resolved
   try:
     with jax.set_mesh(mesh):
       results = run_suites(runner, list(dict.fromkeys(_SUITE.value)), opts, _OUT.value, name,

@@ -1,11 +1,12 @@
 """The two model calls every suite is built from: greedy generation and log-likelihood.
 
-`Runner.generate` batches prompts by length, decodes greedily with the KV cache
-(jaxlm.generate) and cuts each output at the suite's stop strings. `Runner.loglik`
-scores continuations given contexts, as multiple-choice benchmarks need: the sum of the
-continuation tokens' log-probabilities, their count, and whether greedy decoding would
-have produced them. Both count tokens and time (prefill and decode) for the throughput
-report, and show progress on long runs.
+`Runner.generate` wraps prompts in the chat format (jaxlm.chat; 'auto': the tokenizer's),
+batches them by length, decodes greedily with the KV cache (jaxlm.generate), ends each
+output at the format's end-of-turn token (or eos) and cuts it at the suite's stop strings.
+`Runner.loglik` scores continuations given contexts, as multiple-choice benchmarks need:
+the sum of the continuation tokens' log-probabilities, their count, and whether greedy
+decoding would have produced them. Both count tokens and time (prefill and decode) for
+the throughput report, and show progress on long runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import generate
-from jaxlm.data.pipeline import format_prompt
+from jaxlm import chat
 
 
 class Progress:
@@ -55,20 +56,26 @@ def _token_logprobs(graphdef, state, tokens_BxT, valid_BxT):
 
 
 class Runner:
-  """A model and its tokenizer, with the chat format prompts are wrapped in."""
+  """A model and its tokenizer, with the chat format prompts are wrapped in (a name of
+  jaxlm.chat.FORMATS, or 'auto': the tokenizer's checkpoint's; `chat_format` then holds the
+  resolved name)."""
 
   def __init__(self, model, tokenizer, *, chat_format: str = 'none', batch_size: int = 8,
                bucket: int = 64, max_len: int | None = None, verbose: bool = True):
     self.model, self.tokenizer = model, tokenizer
-    self.chat_format, self.batch_size, self.bucket = chat_format, batch_size, bucket
+    self.format = chat.resolve(chat_format, tokenizer)
+    self.chat_format, self.batch_size, self.bucket = self.format.name, batch_size, bucket
+    # generation ends at the answer's end-of-turn token; eos ends it too
+    self.end_of_turn_id = chat.end_of_turn_id(self.format, tokenizer)
+    self.stop_ids = {self.end_of_turn_id} | ({tokenizer.eos_id} if tokenizer.eos_id is not None
+                                             else set())
     self.max_len = max_len or model.cfg.max_position_embeddings
     self.verbose = verbose
     self.stats = {'prefill_tokens': 0, 'decode_tokens': 0, 'generate_s': 0.0,
                   'loglik_tokens': 0, 'loglik_s': 0.0}
-    format_prompt('', chat_format)  # validates the name
 
   def encode_prompt(self, prompt: str) -> list[int]:
-    return self.tokenizer.encode(format_prompt(prompt, self.chat_format), bos=True)
+    return chat.prompt_ids(self.format, self.tokenizer, prompt)
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int,
                stop: Sequence[str] = (), label: str = 'generate') -> list[str]:
@@ -85,13 +92,12 @@ class Runner:
       chunk = order[start:start + self.batch_size]
       t0 = time.perf_counter()
       gen = generate.greedy_generate(self.model, [ids[i] for i in chunk],
-                                     max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
+                                     max_new_tokens=max_new_tokens, eos_id=self.end_of_turn_id,
                                      pad_id=self.tokenizer.pad_id, multiple=self.bucket)
       self.stats['generate_s'] += time.perf_counter() - t0
       for i, row in zip(chunk, gen):
         row = [int(t) for t in row]
-        if self.tokenizer.eos_id in row:
-          row = row[:row.index(self.tokenizer.eos_id)]
+        row = row[:next((k for k, t in enumerate(row) if t in self.stop_ids), len(row))]
         self.stats['prefill_tokens'] += len(ids[i])
         self.stats['decode_tokens'] += len(row)
         out[i] = cut_at_stop(self.tokenizer.decode(row), stop)
@@ -103,8 +109,9 @@ class Runner:
     """Tokens of (context, continuation) as the model reads them joined: the continuation
     is whatever the joined text's tokens add after their common prefix with the context's
     (sentencepiece may merge across the boundary)."""
-    ctx = self.tokenizer.encode(format_prompt(context, self.chat_format), bos=True)
-    full = self.tokenizer.encode(format_prompt(context, self.chat_format) + continuation, bos=True)
+    text = chat.render_prompt(self.format, context)
+    ctx = self.tokenizer.encode(text, bos=self.format.bos)
+    full = self.tokenizer.encode(text + continuation, bos=self.format.bos)
     k = 0
     while k < min(len(ctx), len(full)) and ctx[k] == full[k]:
       k += 1
