@@ -5,9 +5,47 @@ from jaxlm.bench import attention_check, data, step
 
 
 def test_step_benchmark_runs(capsys):
-  step.main(['--preset', 'tiny', '--batch', '1', '--seq', '16', '--steps', '1', '--warmup', '1'])
+  step.main(['--preset', 'tiny', '--batch', '1', '--seq', '16', '--steps', '1', '--warmup', '1',
+             '--no_torch_compile'])
   out = capsys.readouterr().out
   assert 'jaxlm (jax.jit, dense attention)' in out and 'throughput ratio' in out
+
+
+def test_step_benchmark_answer_only_loss_and_smollm2_shape(capsys, monkeypatch):
+  import jax
+  import numpy as np
+  import torch
+  from flax import nnx
+  from jaxlm.model import get_config, init_model
+  # The answer-only loss (head at the last K positions only) equals the full-logit masked
+  # loss, values and gradients, on a tied-embedding llama model.
+  cfg = get_config('tiny', architecture='llama', tie_word_embeddings=True, sliding_window=None,
+                   num_layers=1)
+  tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, 13))
+  both = nnx.jit(lambda m, t: (nnx.value_and_grad(step.loss_fn)(m, t, 4),
+                               nnx.value_and_grad(step.masked_full_loss)(m, t, 4),
+                               step.loss_fn(m, t, 0)))
+  (got, got_g), (want, want_g), every_token = both(init_model(cfg), tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert abs(float(got) - float(every_token)) > 1e-4   # and not the every-token loss
+  # The PyTorch rows compute the same answer-only loss both ways.
+  tcfg = get_config('tiny', vocab_size=64, num_layers=1)
+  losses = [step.torch_step(step.torch_model(tcfg), tokens % 64, 5, head)().item()
+            for head in (False, True)]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  # The CLI with the SmolLM2 shape cut to one layer; a torch.compile that fails is a table row.
+  monkeypatch.setattr(torch, 'compile', lambda m: (_ for _ in ()).throw(RuntimeError('no')))
+  step.main(['--shape', 'smollm2-135m', '--layers', '1', '--vocab', '256', '--batch', '1',
+             '--seq', '16', '--answer_tokens', '4', '--steps', '1', '--warmup', '1'])
+  out = capsys.readouterr().out
+  assert 'llama, 1 layers' in out and 'mean over the last 4 targets' in out
+  assert 'jaxlm (jax.jit, dense attention, head at the 4 answer positions)' in out
+  assert 'labels -100 outside the answer' in out and 'head at the answer positions only' in out
+  assert out.count('| failed: RuntimeError: no |') == 2
+  assert 'jaxlm / torch throughput ratio' in out
+  assert 'jaxlm / torch (head at answer) throughput ratio' in out
 
 
 def test_data_benchmark_runs(capsys):
