@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eps = 1e-8
   c.train.clip_norm = 1.0
   c.train.prompt_loss_weight = 0.0   # >0: auxiliary LM loss on prompt tokens (from-scratch runs)
+  c.train.loss_positions = 0        # K>0: logits only at each row's first K answer tokens
   c.train.log_every = 10
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3
@@ -67,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                  # 0: only at the end
+  c.eval.before = False             # also evaluate the initial model (before fine-tuning)
   c.eval.per_position = 20
   c.eval.positions = [0.0, 0.25, 0.5, 0.75, 1.0]
   c.eval.seed = 10_000              # never used by training data

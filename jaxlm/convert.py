@@ -27,7 +27,9 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from jaxlm import embedded
 from jaxlm import sharding as shd
+from jaxlm.gguf import GGUFCheckpoint
 from jaxlm.model import DTYPES, MistralConfig, Mistral, abstract_model
 
 
@@ -363,6 +365,56 @@ def load_tensors(hf_config: dict[str, Any], source: TensorSource, *, origin: str
     values.append((p, var.replace(value=shd.make_array(host, sharding, target_dtype))))
     del host
   return cfg, nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def load_gguf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+              rules: dict[str, tuple[str, ...]] | None = None,
+              **config_overrides: Any) -> tuple[MistralConfig, Mistral]:
+  """Load a llama-architecture GGUF file (jaxlm.gguf): each tensor is dequantized to
+  float32, laid out as Hugging Face's, then placed like `load_hf`'s (arguments as there)."""
+  ck = _gguf(path)
+  return load_tensors(ck.hf_config(), ck, origin=path, dtype=dtype, mesh=mesh, rules=rules,
+                      **config_overrides)
+
+
+def _gguf(path: str) -> GGUFCheckpoint:
+  """One reader per file and process (its header takes seconds to parse)."""
+  key = os.path.abspath(path)
+  if key not in _GGUF_CACHE:
+    _GGUF_CACHE[key] = GGUFCheckpoint(path)
+  return _GGUF_CACHE[key]
+
+
+_GGUF_CACHE: dict[str, GGUFCheckpoint] = {}
+
+
+def checkpoint_path(spec: str) -> str:
+  """A checkpoint spec as a local path: `embedded:NAME`, a .gguf file or an HF directory."""
+  path = embedded.resolve(spec)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'checkpoint {spec!r} does not exist')
+  if not (path.endswith('.gguf') or os.path.isdir(path)):
+    raise CheckpointError(f'checkpoint {spec!r} is neither a Hugging Face directory nor a '
+                          f'.gguf file')
+  return path
+
+
+def checkpoint_config(spec: str, **overrides: Any) -> MistralConfig:
+  """The model config of a checkpoint (see checkpoint_path), without reading weights."""
+  path = checkpoint_path(spec)
+  if path.endswith('.gguf'):
+    return config_from_hf(_gguf(path).hf_config(), **overrides)
+  config_file = os.path.join(path, 'config.json')
+  if not os.path.exists(config_file):
+    raise CheckpointError(f'{path}: no config.json')
+  with open(config_file) as f:
+    return config_from_hf(json.load(f), **overrides)
+
+
+def load_checkpoint(spec: str, **kwargs: Any) -> tuple[MistralConfig, Mistral]:
+  """`load_gguf` or `load_hf`, by what `spec` names (see checkpoint_path)."""
+  path = checkpoint_path(spec)
+  return (load_gguf if path.endswith('.gguf') else load_hf)(path, **kwargs)
 
 
 # ----------------------------------------------------------------------------- save

@@ -11,7 +11,6 @@ not installed): the file is found on the import path by name.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import sys
 
@@ -47,16 +46,10 @@ def path(spec: str) -> str:
   if name not in MODELS:
     raise EmbeddedModelError(f'unknown embedded model {name!r}; known: {sorted(MODELS)}')
   m = MODELS[name]
-  # find_spec on the parent path only: it locates the directory without running __init__.
-  for root in sys.path:
+  for root in sys.path:   # a file lookup: the package itself is never imported
     candidate = os.path.join(root or '.', m.package, m.file)
     if os.path.isfile(candidate):
       return candidate
-  spec_ = importlib.util.find_spec(m.package) if '.' not in m.package else None
-  if spec_ is not None and spec_.submodule_search_locations:
-    for d in spec_.submodule_search_locations:
-      if os.path.isfile(os.path.join(d, m.file)):
-        return os.path.join(d, m.file)
   raise EmbeddedModelError(
       f'embedded model {name!r} is not installed: {m.file} was not found in a {m.package}/ '
       f'directory on the Python path. Install it with\n'

@@ -39,7 +39,7 @@ from jaxlm import sharding as shd
 from jaxlm.data.pipeline import DataConfig, make_dataset
 from jaxlm.embed_init import compose_embeddings, piece_splits
 from jaxlm.model import MistralConfig, get_config, init_model
-from jaxlm.tokenizer import Tokenizer
+from jaxlm.tokenizer import load_tokenizer
 
 _FLAGS: dict[str, Any] = {}
 
@@ -76,12 +76,42 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- set-up
 
 
+# Model config fields that a run chooses and a checkpoint does not: numerics and kernels.
+RUN_FIELDS = ('param_dtype', 'dtype', 'attention_impl', 'attention_block_q',
+              'attention_block_kv', 'ring_layout', 'remat')
+
+
 def model_config(c) -> MistralConfig:
+  """The model a run trains: the preset with config.model's fields, or, with init_from,
+  the checkpoint's architecture with config.model's numerics (RUN_FIELDS). An
+  architecture field of config.model that contradicts the checkpoint is an error."""
   fields = {k: v for k, v in c.model.items() if k != 'preset'}
+  if not c.init_from:
+    try:
+      return get_config(c.model.preset, **fields)
+    except ValueError as e:
+      raise ConfigError(f'config.model: {e}') from None
   try:
-    return get_config(c.model.preset, **fields)
-  except ValueError as e:
-    raise ConfigError(f'config.model: {e}') from None
+    cfg = convert.checkpoint_config(c.init_from, **{k: v for k, v in fields.items()
+                                                    if k in RUN_FIELDS})
+  except (ValueError, OSError) as e:
+    raise ConfigError(f'init_from={c.init_from!r}: {e}') from None
+  for k, v in fields.items():
+    if k not in RUN_FIELDS and k != 'initializer_range' and getattr(cfg, k, v) != v:
+      raise ConfigError(f'config.model.{k}={v!r} but the checkpoint init_from={c.init_from!r} '
+                        f'has {k}={getattr(cfg, k)!r}; the checkpoint defines the architecture')
+  return cfg
+
+
+def load_run_tokenizer(c):
+  """config.tokenizer, or the tokenizer of the init_from checkpoint when it is ''."""
+  spec = c.tokenizer or c.init_from
+  if not spec:
+    raise ConfigError("tokenizer='' takes the tokenizer of init_from, but init_from is '' too")
+  try:
+    return load_tokenizer(spec)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f'tokenizer={spec!r}: {e}') from None
 
 
 def validate(c, cfg: MistralConfig, num_devices: int) -> tuple[int, ...]:
@@ -122,6 +152,10 @@ def validate(c, cfg: MistralConfig, num_devices: int) -> tuple[int, ...]:
     raise ConfigError(f"embed_init='compose' initializes a model trained from scratch, but "
                       f"init_from={c.init_from!r} loads trained embeddings; drop one "
                       f"(--config.embed_init=random keeps init_from)")
+  if t.loss_positions < 0 or (t.loss_positions and t.prompt_loss_weight):
+    raise ConfigError(f'train.loss_positions={t.loss_positions} must be >= 0 and 0 when '
+                      f'train.prompt_loss_weight={t.prompt_loss_weight} (the prompt loss needs '
+                      f'logits at every position)')
   if t.steps <= 0 or t.warmup_steps < 0:
     raise ConfigError(f'train.steps={t.steps} must be positive, train.warmup_steps='
                       f'{t.warmup_steps} non-negative')
@@ -148,17 +182,33 @@ def make_optimizer(t, schedule):
                   mask=decay_mask))
 
 
-def loss_sums(model, batch, prompt_weight: float = 0.0):
+def answer_positions(loss_mask_BxT: jax.Array, k: int) -> jax.Array:
+  """int32 [B, k]: the first k positions of each row whose target carries loss, in order,
+  then other positions (whose mask is 0) to fill the row."""
+  order = jnp.argsort(1 - loss_mask_BxT.astype(jnp.int32), axis=1, stable=True)
+  return order[:, :k].astype(jnp.int32)
+
+
+def loss_sums(model, batch, prompt_weight: float = 0.0, loss_positions: int = 0):
   """(objective, (answer-token count, correct answer tokens, answer-token CE sum)).
 
   The objective is the sum of answer-token cross-entropies (the paper's loss) plus
   `prompt_weight` times that of the other real tokens (an auxiliary language-modelling
   loss that helps a model trained from scratch learn the prompt's structure; 0 for
-  fine-tuning). Padding (segment id 0) never counts."""
-  logits = model(batch['inputs'], batch['positions'], segment_ids_BxT=batch['segment_ids'])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-  mask = batch['loss_mask'].astype(jnp.float32)
-  correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32) * mask
+  fine-tuning). Padding (segment id 0) never counts. loss_positions=K > 0 computes the
+  output projection only at the first K answer positions of each row (the trainer checks
+  that no row has more), which is the same loss for a fraction of the head's cost."""
+  targets, mask = batch['targets'], batch['loss_mask']
+  kwargs = {}
+  if loss_positions:
+    idx_BxK = answer_positions(mask, loss_positions)
+    targets, mask = (jnp.take_along_axis(x, idx_BxK, axis=1) for x in (targets, mask))
+    kwargs['logit_positions_BxK'] = idx_BxK
+  logits = model(batch['inputs'], batch['positions'], segment_ids_BxT=batch['segment_ids'],
+                 **kwargs)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  mask = mask.astype(jnp.float32)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * mask
   answer = jnp.sum(ce * mask)
   objective = answer
   if prompt_weight:
@@ -167,14 +217,16 @@ def loss_sums(model, batch, prompt_weight: float = 0.0):
   return objective, (jnp.sum(mask), jnp.sum(correct), answer)
 
 
-def make_train_step(graphdef, grad_accum: int, schedule, prompt_loss_weight: float = 0.0):
+def make_train_step(graphdef, grad_accum: int, schedule, prompt_loss_weight: float = 0.0,
+                    loss_positions: int = 0):
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     grad_fn = jax.value_and_grad(
         lambda params, mb: loss_sums(nnx.merge(model_def, params, rest), mb,
-                                     prompt_weight=prompt_loss_weight), has_aux=True)
+                                     prompt_weight=prompt_loss_weight,
+                                     loss_positions=loss_positions), has_aux=True)
 
     def accumulate(carry, mb):
       grads, objective, loss, count, correct = carry
@@ -356,12 +408,12 @@ def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str,
     log(f"[aot] attention 'auto' compiles as {impl!r} on a TPU topology")
     cfg = dataclasses.replace(cfg, attention_impl=impl)
   mesh = aot.make_mesh(shape, devices, topo)
-  Tokenizer(c.tokenizer).check_model(cfg)
+  load_run_tokenizer(c).check_model(cfg)
   schedule = make_schedule(c.train)
   report = aot.compile_report(
       c, cfg, mesh,
       lambda graphdef: make_train_step(graphdef, c.train.grad_accum, schedule,
-                                       c.train.prompt_loss_weight),
+                                       c.train.prompt_loss_weight, c.train.loss_positions),
       topology=topo, log=log)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -386,7 +438,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   is_main = jax.process_index() == 0
   if not is_main:
     log = lambda line: None   # one console, written by process 0
-  tokenizer = Tokenizer(c.tokenizer)
+  tokenizer = load_run_tokenizer(c)
   tokenizer.check_model(cfg)
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -396,7 +448,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   schedule = make_schedule(c.train)
   tx = make_optimizer(c.train, schedule)
   if c.init_from:   # streamed straight into the parameter shardings
-    _, model = convert.load_hf(c.init_from, mesh=mesh, **dataclass_fields(cfg))
+    _, model = convert.load_checkpoint(c.init_from, mesh=mesh, **dataclass_fields(cfg))
   else:
     model = init_model(cfg, seed=c.seed)
     if c.embed_init == 'compose':   # merged pieces start from their parts (embed_init.py)
@@ -409,7 +461,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   seq_sharded = shape[shd.MESH_AXES.index('context')] > 1
   batch_sharding = NamedSharding(mesh, shd.batch_spec(seq_sharded))
   step_fn = jax.jit(make_train_step(graphdef, c.train.grad_accum, schedule,
-                                    c.train.prompt_loss_weight),
+                                    c.train.prompt_loss_weight, c.train.loss_positions),
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                     donate_argnums=0)
 
@@ -422,6 +474,10 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   if start:
     log(f'[train] resumed from step {start} in {workdir}')
   writer = MetricWriter(workdir, is_main)
+  if c.eval.before and start == 0:
+    with jax.set_mesh(mesh):
+      _evaluate(c, nnx.merge(graphdef, state)[0], tokenizer, workdir, 0, writer, log,
+                before=True)
   peak = flops.device_peak(c.train.peak_flops_per_device)
   stop = {'signal': None}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal='SIGTERM'))
@@ -435,6 +491,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
     with jax.set_mesh(mesh):
       while step < c.train.steps:
         local = next(data_iter)
+        _check_answer_tokens(local['loss_mask'], c.train.loss_positions, step + 1)
         batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
                  for k, v in local.items()}
         state, metrics = step_fn(state, batch)
@@ -496,6 +553,13 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   return result
 
 
+def _check_answer_tokens(loss_mask, k: int, step: int) -> None:
+  """With train.loss_positions=k, no row may carry more than k answer tokens."""
+  if k and (n := int(np.asarray(loss_mask).sum(axis=1).max())) > k:
+    raise ConfigError(f'train.loss_positions={k} but a row of the batch for step {step} has '
+                      f'{n} answer tokens; raise it (0: logits at every position)')
+
+
 def _settle(pending, mngr, workdir: str) -> None:
   """Read the loss of a dispatched step, `pending` = (step, objective) or None, and stop on
   a non-finite one; returns None (nothing is pending afterwards)."""
@@ -506,13 +570,14 @@ def _settle(pending, mngr, workdir: str) -> None:
 
 
 def dataclass_fields(cfg: MistralConfig) -> dict[str, Any]:
-  """Config fields that load_hf cannot read from config.json (numerics, kernels)."""
-  keep = ('param_dtype', 'dtype', 'attention_impl', 'attention_block_q', 'attention_block_kv',
-          'ring_layout', 'remat')
-  return {k: getattr(cfg, k) for k in keep}
+  """Config fields that a checkpoint does not hold (numerics, kernels)."""
+  return {k: getattr(cfg, k) for k in RUN_FIELDS}
 
 
-def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False):
+def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False, before=False):
+  """Held-out retrieval accuracy by gold position. `before`: of the initial model, kept in
+  WORKDIR/eval_kv_before.json; `final`: WORKDIR/eval_kv.json (+ .png), with the `before`
+  result beside it when there is one, and the task fields."""
   from jaxlm.evaluate import retrieval
   e = c.eval
   fields = {**c.data.task_fields.to_dict(), **e.task_fields.to_dict()}
@@ -522,13 +587,23 @@ def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False):
       positions=list(e.positions), per_position=e.per_position, seed=e.seed,
       chat_format=c.data.chat_format, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
   result['step'] = step
-  log(f'[eval] step {step}: held-out accuracy {result["accuracy"]:.3f} '
-      f'(value {result["value_accuracy"]:.3f})')
-  if writer is not None:
+  log(f'[eval] {"before fine-tuning" if before else f"step {step}"}: held-out accuracy '
+      f'{result["accuracy"]:.3f} (value {result["value_accuracy"]:.3f})')
+  if writer is not None and not before:
     writer.write(step, {'eval_accuracy': result['accuracy'],
                         'eval_value_accuracy': result['value_accuracy']})
-  if final and jax.process_index() == 0:
+  main = jax.process_index() == 0
+  before_file = os.path.join(workdir, 'eval_kv_before.json')
+  if before and main:
     log(retrieval.format_table(result))
+    retrieval.write(result, before_file)
+  if final and main:
+    result['task'] = {'name': c.data.task, **fields}
+    if os.path.exists(before_file):
+      with open(before_file) as f:
+        result['before'] = {k: v for k, v in json.load(f).items()
+                            if k not in ('predictions', 'samples')}
+    log(retrieval.format_table(result, result.get('before')))
     retrieval.write(result, os.path.join(workdir, 'eval_kv.json'),
                     os.path.join(workdir, 'eval_kv.png'))
     log(f'[eval] wrote {workdir}/eval_kv.json and {workdir}/eval_kv.png')

