@@ -47,7 +47,8 @@ def _greedy_cached(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eo
   B, P = tokens_BxP.shape
   positions_BxP = _prompt_positions(valid_BxP)
   cache = KVCache.init(model.cfg, B, P + max_new_tokens)
-  logits, cache = model.decode(tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), cache)
+  logits, cache = model.decode(tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), cache,
+                               last_only=True)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((B,), bool)

@@ -415,11 +415,12 @@ class Mistral(nnx.Module):
     return self._logits(x)
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-             segment_ids_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+             segment_ids_BxT: jax.Array, cache: KVCache, *,
+             last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Run T new tokens against a KV cache (prefill when T > 1, one step when T = 1).
 
-    Returns float32 logits [B, T, V] and the cache with the new keys written at
-    slots index..index+T-1. Segment ids must be >= 0 (padding gets its own id).
+    Returns float32 logits [B, T, V] ([B, 1, V], the last position's, with last_only)
+    and the cache with the new keys written at slots index..index+T-1. Segment ids must be >= 0 (padding gets its own id).
     """
     T = tokens_BxT.shape[1]
     kv_positions = jax.lax.dynamic_update_slice(
@@ -435,6 +436,8 @@ class Mistral(nnx.Module):
       new_v.append(v)
     new_cache = KVCache(k=new_k, v=new_v, positions_BxS=kv_positions,
                         segment_ids_BxS=kv_segments, index=cache.index + T)
+    if last_only:   # a prefill needs only the next token's logits: skip the head elsewhere
+      x = x[:, -1:]
     return self._logits(x), new_cache
 
   def _embed(self, tokens_BxT):

@@ -119,6 +119,12 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.IdToPiece(int(i))
 
+  def save_hf(self, path: str) -> None:
+    """Copy the sentencepiece model into a Hugging Face directory as tokenizer.model."""
+    import shutil
+    os.makedirs(path, exist_ok=True)
+    shutil.copyfile(self.path, os.path.join(path, 'tokenizer.model'))
+
   def token_to_id(self, piece: str) -> int | None:
     """The id of a piece ('</s>', '▁key'), None when the vocabulary lacks it."""
     i = self._sp.PieceToId(piece)
@@ -375,6 +381,20 @@ class BPETokenizer:
     if piece is None:
       raise IndexError(f'token id {i} is outside the vocabulary of {self.vocab_size}')
     return piece
+
+  def save_hf(self, path: str) -> None:
+    """Write tokenizer.json and tokenizer_config.json (special tokens, add_bos_token, chat
+    template) into a Hugging Face directory, for transformers and `from_hf_dir`."""
+    os.makedirs(path, exist_ok=True)
+    self._tok.save(os.path.join(path, 'tokenizer.json'))
+    piece = lambda i: None if i is None else self._tok.id_to_token(i)
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_bos_token': self.add_bos,
+              'bos_token': piece(self.bos_id), 'eos_token': piece(self.eos_id),
+              'pad_token': piece(self.pad_id), 'unk_token': piece(self.unk_id)}
+    if self.chat_template:
+      config['chat_template'] = self.chat_template
+    with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
 
   def token_to_id(self, piece: str) -> int | None:
     """The id of a vocabulary entry ('<|im_end|>', 'Ġkey'), None when there is none."""

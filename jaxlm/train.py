@@ -547,6 +547,8 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
       result['eval'] = _evaluate(c, model, tokenizer, workdir, step, None, log, final=True)
     if c.export_hf:
       convert.save_hf(cfg, model, os.path.join(workdir, 'hf'))
+      if jax.process_index() == 0:
+        tokenizer.save_hf(os.path.join(workdir, 'hf'))
       log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf')
   result['state'] = state
   result['graphdef'] = graphdef

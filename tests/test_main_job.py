@@ -61,6 +61,14 @@ def test_main_job_path_on_a_tiny_llama(tmp_path, monkeypatch):
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), hf_logits(back, tokens),
                              atol=1e-4, rtol=1e-4)
   assert not np.allclose(hf_logits(back, tokens), hf_logits(hf, tokens), atol=1e-3)
+  # ... beside its tokenizer and chat template, which both readers take back unchanged.
+  from jaxlm.tokenizer import load_tokenizer
+  text = 'Dictionary [1] {12: 34, 905: 7}<|im_end|>'
+  ours = load_tokenizer(SMOL)
+  again = load_tokenizer(str(tmp_path / 'run' / 'hf'))
+  assert again.encode(text) == ours.encode(text) and again.chat_template == ours.chat_template
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'run' / 'hf'))
+  assert hf_tok(text)['input_ids'] == ours.encode(text)
 
 
 @needs_smol

@@ -29,7 +29,8 @@ from jaxlm.evaluate.harness import format_scores, run_suites
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'training config file', lock_config=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'training run directory (or its checkpoints/)')
 _STEP = flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
-_HF = flags.DEFINE_string('hf', None, 'Hugging Face checkpoint directory')
+_HF = flags.DEFINE_string('hf', None, 'Hugging Face checkpoint directory, GGUF file or '
+                          'embedded:NAME (e.g. embedded:smollm2-135m-instruct)')
 _SUITE = flags.DEFINE_multi_enum('suite', None, ['kv', 'mdqa', 'flenqa', 'general', 'litm_kv'],
                                  'suite(s) to run')
 _OUT = flags.DEFINE_string('out', None, 'output directory')
@@ -74,7 +75,7 @@ def parse_data(items: list[str], suites: list[str]) -> dict[str, str]:
 def load_model(mesh_spec: str):
   """(model, tokenizer, chat_format, source description, mesh)."""
   from jaxlm import sharding as shd
-  from jaxlm.tokenizer import MISTRAL_V1, Tokenizer
+  from jaxlm.tokenizer import MISTRAL_V1, load_tokenizer
   if _HF.value and _CHECKPOINT.value:
     raise app.UsageError('give --hf or --checkpoint, not both')
   if _HF.value:
@@ -88,11 +89,13 @@ def load_model(mesh_spec: str):
     mesh = shd.make_mesh(sizes)
     kwargs = {'dtype': _DTYPE.value} if _DTYPE.value else {}
     kwargs['attention_impl'] = _ATTENTION.value
-    cfg, model = convert.load_hf(_HF.value, mesh=mesh, **kwargs)
-    tok_path = _TOKENIZER.value or (os.path.join(_HF.value, 'tokenizer.model') if os.path.exists(
-        os.path.join(_HF.value, 'tokenizer.model')) else MISTRAL_V1)
-    chat = _CHAT.value or 'mistral'
-    source = {'hf': os.path.abspath(_HF.value)}
+    cfg, model = convert.load_checkpoint(_HF.value, mesh=mesh, **kwargs)
+    path = convert.checkpoint_path(_HF.value)
+    own = path.endswith('.gguf') or any(os.path.exists(os.path.join(path, f)) for f in (
+        'tokenizer.json', 'tokenizer.model'))
+    tok_path = _TOKENIZER.value or (_HF.value if own else MISTRAL_V1)
+    chat = _CHAT.value or 'auto'
+    source = {'hf': _HF.value if _HF.value.startswith('embedded:') else os.path.abspath(path)}
   elif _CHECKPOINT.value:
     from jaxlm import train
     c = _CONFIG.value
@@ -108,14 +111,15 @@ def load_model(mesh_spec: str):
     devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
     cfg, model, step = train.restore_model(c, _CHECKPOINT.value, mesh, _STEP.value)
-    tok_path = _TOKENIZER.value or c.tokenizer
+    tok_path = _TOKENIZER.value or c.tokenizer or c.init_from
     chat = _CHAT.value or c.data.chat_format
     source = {'checkpoint': os.path.abspath(_CHECKPOINT.value), 'step': step}
   else:
     raise app.UsageError('give --hf=DIR or --checkpoint=DIR')
-  tokenizer = Tokenizer(tok_path)
+  tokenizer = load_tokenizer(tok_path)
   tokenizer.check_model(cfg)
-  source.update(tokenizer=os.path.abspath(tok_path), chat_format=chat,
+  source.update(tokenizer=tok_path if tok_path.startswith('embedded:') else
+                os.path.abspath(tok_path), chat_format=chat,
                 params=cfg.num_params(), dtype=cfg.dtype)
   return model, tokenizer, chat, source, mesh
 
