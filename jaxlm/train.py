@@ -587,7 +587,8 @@ def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False, befo
   result = retrieval.evaluate_retrieval(
       model, tokenizer, c.data.task, fields,
       positions=list(e.positions), per_position=e.per_position, seed=e.seed,
-      chat_format=c.data.chat_format, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+      chat_format=c.data.chat_format, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+      verbose=jax.process_index() == 0)   # a progress line per gold position
   result['step'] = step
   log(f'[eval] {"before fine-tuning" if before else f"step {step}"}: held-out accuracy '
       f'{result["accuracy"]:.3f} (value {result["value_accuracy"]:.3f})')

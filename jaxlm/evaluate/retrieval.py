@@ -22,11 +22,11 @@ from jaxlm.data.tasks import make_task
 def evaluate_retrieval(model, tokenizer, task: str, task_fields: dict[str, Any], *,
                        positions: Sequence, per_position: int, seed: int,
                        chat_format: str = 'mistral', max_new_tokens: int = 32,
-                       batch_size: int = 16, keep_examples: int = 3,
+                       batch_size: int = 16, keep_examples: int = 3, verbose: bool = False,
                        runner: Runner | None = None) -> dict[str, Any]:
   """Accuracy overall and by position; `predictions` holds one record per example."""
   runner = runner or Runner(model, tokenizer, chat_format=chat_format, batch_size=batch_size,
-                           verbose=False)
+                           verbose=verbose)
   rows, samples, all_scores, predictions = [], [], [], []
   for position in positions:
     t = make_task(task, tokenizer, **{**dict(task_fields), 'gold_position': position})
