@@ -98,14 +98,15 @@ def write(result: dict[str, Any], path_json: str, path_png: str | None = None) -
       curves.append(('before', result['before'], ':'))
     for label, res, style in curves:
       xs = [float(r['position']) for r in res['by_position']]
-      for (key, name), marker in zip(_METRICS, 'osd'):
+      for (key, name), marker, color in zip(_METRICS, 'osd', ('C0', 'C1', 'C2')):
         if key in res:
-          ax.plot(xs, [r[key] for r in res['by_position']], marker + style,
+          ax.plot(xs, [r[key] for r in res['by_position']], marker + style, color=color,
                   label=f'{label} {name}'.strip())
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel('gold position (depth or index)')
     ax.set_ylabel('accuracy')
-    ax.set_title(f"{result['task']}: held-out accuracy by gold position", fontsize=10)
+    task = result['task']['name'] if isinstance(result['task'], dict) else result['task']
+    ax.set_title(f'{task}: held-out accuracy by gold position', fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
