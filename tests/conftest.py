@@ -49,3 +49,34 @@ def hf_checkpoint(tmp_path_factory):
   """(path, torch model) of the default tiny random checkpoint: GQA, window 8, theta 5e4."""
   path = tmp_path_factory.mktemp('hf_tiny')
   return path, make_hf_model(path)
+
+
+SMOLLM2 = 'embedded:smollm2-135m-instruct'
+
+
+def embedded_file():
+  """The embedded SmolLM2 GGUF file, or skip the test saying why it is absent."""
+  from jaxlm import embedded
+  try:
+    return embedded.path(SMOLLM2)
+  except embedded.EmbeddedModelError as e:
+    pytest.skip(f'the embedded SmolLM2 GGUF is not installed: {e}')
+
+
+@pytest.fixture(scope='session')
+def smol():
+  """SmolLM2-135M-Instruct's tokenizer, read from its GGUF file by jaxlm."""
+  from jaxlm.tokenizer import load_tokenizer
+  embedded_file()
+  return load_tokenizer(SMOLLM2)
+
+
+@pytest.fixture(scope='session')
+def hf_smol():
+  """The same tokenizer as transformers reads it (the independent reference)."""
+  import os
+  p = embedded_file()
+  pytest.importorskip('gguf')
+  transformers = pytest.importorskip('transformers')
+  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(p),
+                                                    gguf_file=os.path.basename(p))

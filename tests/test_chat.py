@@ -1,12 +1,12 @@
 """Chat formats (jaxlm.chat): rendered prompts against transformers' apply_chat_template,
 the answer-only loss mask under every format, detection from the checkpoint, the Runner."""
-import os
 import types
 
 import numpy as np
 import pytest
 
-from jaxlm import chat, embedded
+
+from jaxlm import chat
 from jaxlm.chat import ChatFormatError, detect_chat_format, render_prompt, resolve
 from jaxlm.data import make_task
 from jaxlm.data.pipeline import format_prompt, prompt_ids, to_features
@@ -24,31 +24,9 @@ LLAMA3_SPECIALS = ['<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|
 PROMPTS = ['What is 12 + 30?', 'Line one\nline two\n\n  indented 7', 'héllo 日本 🤗']
 
 
-def _embedded_file():
-  try:
-    return embedded.path(SMOLLM2)
-  except embedded.EmbeddedModelError as e:
-    pytest.skip(f'the embedded SmolLM2 GGUF is not installed: {e}')
-
-
 @pytest.fixture(scope='module')
 def mistral():
   return Tokenizer()
-
-
-@pytest.fixture(scope='module')
-def smol():
-  _embedded_file()
-  return load_tokenizer(SMOLLM2)
-
-
-@pytest.fixture(scope='module')
-def hf_smol():
-  p = _embedded_file()
-  pytest.importorskip('gguf')
-  transformers = pytest.importorskip('transformers')
-  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(p),
-                                                    gguf_file=os.path.basename(p))
 
 
 @pytest.fixture(scope='module')

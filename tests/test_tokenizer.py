@@ -3,6 +3,7 @@ import hashlib
 
 import pytest
 
+
 from jaxlm.model import get_config
 from jaxlm.tokenizer import MISTRAL_V1, Tokenizer, TokenizerMismatchError
 
@@ -121,7 +122,6 @@ import os  # noqa: E402
 import pickle  # noqa: E402
 import types  # noqa: E402
 
-from jaxlm import embedded  # noqa: E402
 from jaxlm.tokenizer import BPETokenizer, load_tokenizer  # noqa: E402
 
 SMOLLM2 = 'embedded:smollm2-135m-instruct'
@@ -135,28 +135,6 @@ SPECIAL = ('<|im_start|>system\nYou are 12 years<|im_end|>\n<|endoftext|><repo_n
 # which differs only where 2+ whitespace characters precede a digit.
 DIGIT_AFTER_SPACES = {'a  1': (['a', 'ĠĠ', '1'], ['a', 'Ġ', 'Ġ', '1']),
                       '\n\n12': (['ĊĊ', '1', '2'], ['Ċ', 'Ċ', '1', '2'])}
-
-
-def _embedded_file():
-  try:
-    return embedded.path(SMOLLM2)
-  except embedded.EmbeddedModelError as e:
-    pytest.skip(f'the embedded SmolLM2 GGUF is not installed: {e}')
-
-
-@pytest.fixture(scope='module')
-def smol():
-  _embedded_file()
-  return load_tokenizer(SMOLLM2)
-
-
-@pytest.fixture(scope='module')
-def hf_smol():
-  p = _embedded_file()
-  pytest.importorskip('gguf')
-  transformers = pytest.importorskip('transformers')
-  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(p),
-                                                    gguf_file=os.path.basename(p))
 
 
 def _task_texts(tok):
