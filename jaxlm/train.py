@@ -81,10 +81,21 @@ RUN_FIELDS = ('param_dtype', 'dtype', 'attention_impl', 'attention_block_q',
               'attention_block_kv', 'ring_layout', 'remat')
 
 
+def _check_init(c) -> None:
+  """How the parameters start: checked before any checkpoint is read."""
+  if c.embed_init not in ('random', 'compose'):
+    raise ConfigError(f"embed_init={c.embed_init!r} must be 'random' or 'compose'")
+  if c.embed_init == 'compose' and c.init_from:
+    raise ConfigError(f"embed_init='compose' initializes a model trained from scratch, but "
+                      f"init_from={c.init_from!r} loads trained embeddings; drop one "
+                      f"(--config.embed_init=random keeps init_from)")
+
+
 def model_config(c) -> MistralConfig:
   """The model a run trains: the preset with config.model's fields, or, with init_from,
   the checkpoint's architecture with config.model's numerics (RUN_FIELDS). An
   architecture field of config.model that contradicts the checkpoint is an error."""
+  _check_init(c)
   fields = {k: v for k, v in c.model.items() if k != 'preset'}
   if not c.init_from:
     try:
@@ -146,12 +157,7 @@ def validate(c, cfg: MistralConfig, num_devices: int) -> tuple[int, ...]:
                         f'is not divisible by 2*{sizes["context"]}')
   if t.schedule not in ('cosine', 'linear', 'constant'):
     raise ConfigError(f"train.schedule={t.schedule!r} must be 'cosine', 'linear' or 'constant'")
-  if c.embed_init not in ('random', 'compose'):
-    raise ConfigError(f"embed_init={c.embed_init!r} must be 'random' or 'compose'")
-  if c.embed_init == 'compose' and c.init_from:
-    raise ConfigError(f"embed_init='compose' initializes a model trained from scratch, but "
-                      f"init_from={c.init_from!r} loads trained embeddings; drop one "
-                      f"(--config.embed_init=random keeps init_from)")
+  _check_init(c)
   if t.loss_positions < 0 or (t.loss_positions and t.prompt_loss_weight):
     raise ConfigError(f'train.loss_positions={t.loss_positions} must be >= 0 and 0 when '
                       f'train.prompt_loss_weight={t.prompt_loss_weight} (the prompt loss needs '
