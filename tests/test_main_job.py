@@ -103,3 +103,36 @@ def test_missing_embedded_model_says_how_to_install(monkeypatch):
     embedded.path(SMOL)
   with pytest.raises(embedded.EmbeddedModelError, match="unknown embedded model 'nope'"):
     embedded.path('embedded:nope')
+
+
+def test_loss_at_answer_positions_equals_the_full_loss():
+  """train.loss_positions=K: the head at each row's first K answer tokens gives the same
+  sums and gradients as logits everywhere (the K a row needs, and more)."""
+  import jax
+  from flax import nnx
+  from jaxlm.model import get_config, init_model
+  model = init_model(get_config('tiny', sliding_window=None))
+  rng = np.random.RandomState(0)
+  mask = np.zeros((3, 32), np.int32)
+  mask[0, 5:9], mask[1, 20:31], mask[2, [3, 17, 30]] = 1, 1, 1   # up to 11 answer tokens
+  batch = {'inputs': rng.randint(0, 512, (3, 32)), 'targets': rng.randint(0, 512, (3, 32)),
+           'loss_mask': mask, 'positions': np.tile(np.arange(32), (3, 1)),
+           'segment_ids': np.ones((3, 32), np.int32)}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def sums(p, k):
+    objective, aux = trainer.loss_sums(nnx.merge(graphdef, p, rest), batch, loss_positions=k)
+    return objective, aux
+  (full, full_aux), g_full = jax.value_and_grad(sums, has_aux=True)(params, 0)
+  for k in (11, 16):
+    (part, part_aux), g_part = jax.value_and_grad(sums, has_aux=True)(params, k)
+    np.testing.assert_allclose(part, full, rtol=1e-5)
+    np.testing.assert_allclose(np.array(part_aux), np.array(full_aux), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_full)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  (short, _), _ = jax.value_and_grad(sums, has_aux=True)(params, 10)   # one answer token lost
+  assert not np.isclose(short, full, rtol=1e-5)
+  with pytest.raises(trainer.ConfigError, match='loss_positions=10 but a row of the batch '
+                                                'for step 7 has 11 answer tokens'):
+    trainer._check_answer_tokens(np.asarray(mask), 10, 7)
