@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.every = 0                  # 0: only at the end
   c.eval.before = False             # also evaluate the initial model (before fine-tuning)
   c.eval.per_position = 20
-  c.eval.positions = [0.0, 0.25, 0.5, 0.75, 1.0]
+  c.eval.positions = (0.0, 0.25, 0.5, 0.75, 1.0)   # a tuple: --config.eval.positions=(1,5) overrides it
   c.eval.seed = 10_000              # never used by training data
   c.eval.max_new_tokens = 32
   c.eval.batch_size = 16

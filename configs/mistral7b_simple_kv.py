@@ -42,7 +42,7 @@ def get_config():
   c.train.log_every = 1
   c.train.checkpoint_every = 20
   c.eval.per_position = 30
-  c.eval.positions = [0.0, 0.25, 0.5, 0.75, 1.0]
+  c.eval.positions = (0.0, 0.25, 0.5, 0.75, 1.0)
   c.eval.max_new_tokens = 40
   c.eval.batch_size = 8
   c.mesh.fsdp = -1

@@ -42,7 +42,7 @@ def get_config():
   c.train.keep_checkpoints = 1
   c.eval.before = True
   c.eval.per_position = 20
-  c.eval.positions = [1, 2, 3, 4, 5]
+  c.eval.positions = (1, 2, 3, 4, 5)
   c.eval.max_new_tokens = 32
   c.eval.batch_size = 20
   c.mesh.fsdp = -1

@@ -77,7 +77,7 @@ def get_config():
   c.train.checkpoint_every = 450
   c.eval.every = 450
   c.eval.per_position = 25
-  c.eval.positions = [1, 2, 3, 4]
+  c.eval.positions = (1, 2, 3, 4)
   c.eval.task_fields.num_dicts = 4        # evaluate on the hardest size
   c.eval.max_new_tokens = 24
   c.eval.batch_size = 50

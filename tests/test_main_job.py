@@ -45,7 +45,7 @@ def test_main_job_path_on_a_tiny_llama(tmp_path, monkeypatch):
   c.tokenizer = SMOL
   c.train.steps, c.train.batch_size, c.train.log_every = 2, 2, 1
   c.train.checkpoint_every, c.train.lr = 2, 1e-2
-  c.eval.per_position, c.eval.positions, c.eval.max_new_tokens = 1, [1, 5], 4
+  c.eval.per_position, c.eval.positions, c.eval.max_new_tokens = 1, (1, 5), 4
   c.mesh.devices = 1
   result = trainer.train(c, str(tmp_path / 'run'), log=lambda line: None)
   assert result['step'] == 2
@@ -136,3 +136,16 @@ def test_loss_at_answer_positions_equals_the_full_loss():
   with pytest.raises(trainer.ConfigError, match='loss_positions=10 but a row of the batch '
                                                 'for step 7 has 11 answer tokens'):
     trainer._check_answer_tokens(np.asarray(mask), 10, 7)
+
+
+def test_eval_positions_override_from_the_command_line(monkeypatch):
+  # ml_collections' flags refuse to override a list field; the configs hold a tuple.
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=fv)
+  argv = ['prog', f'--config={ROOT}/configs/smollm2_simple_kv.py',
+          '--config.eval.positions=(1,3)']
+  monkeypatch.setattr('sys.argv', argv)   # config_flags reads the overrides from sys.argv
+  fv(argv)
+  assert tuple(fv.config.eval.positions) == (1, 3)
