@@ -246,6 +246,29 @@ def _run(args, cwd=ROOT):
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
+def test_score_rows_carry_the_standard_error_and_compare_shows_it(tmp_path):
+  from jaxlm.evaluate import compare
+  from jaxlm.evaluate.common import score_row
+  base = score_row('mdqa', 'best_subspan_em', [1.0] * 30 + [0.0] * 70, num_docs=10,
+                   gold_position=1)
+  # 0/1 scores: the sample standard error is the binomial one, up to n / (n - 1)
+  assert base['n'] == 100 and base['value'] == pytest.approx(0.3)
+  assert base['stderr'] == pytest.approx(np.sqrt(0.3 * 0.7 / 100) * np.sqrt(100 / 99))
+  assert base['stderr'] == pytest.approx(np.std([1.0] * 30 + [0.0] * 70, ddof=1) / 10)
+  assert np.isnan(score_row('kv', 'accuracy', [1.0])['stderr'])
+  after = score_row('mdqa', 'best_subspan_em', [1.0] * 40 + [0.0] * 60, num_docs=10,
+                    gold_position=1)
+  runs = [{'name': 'base', 'scores': [base]}, {'name': 'tuned', 'scores': [after]}]
+  text = compare.table(runs, markdown=True)
+  row = text.splitlines()[2]
+  assert '| 100 |' in row and '30.00 ± 4.61' in row and '40.00 ± 4.92 (+10.00)' in row, row
+  # the position plot draws the standard errors
+  from jaxlm.evaluate import plots
+  assert plots.position_curves({r['name']: r['scores'] for r in runs}, str(tmp_path / 'p.png'),
+                               suite='mdqa', metric='best_subspan_em', group_key='num_docs')
+  assert (tmp_path / 'p.png').stat().st_size > 0
+
+
 def test_cli_with_hf_and_checkpoint_then_compare(tmp_path):
   from tests.conftest import make_hf_model
   make_hf_model(tmp_path / "hf", vocab_size=32000, max_position_embeddings=8192)

@@ -83,5 +83,18 @@ def mean(xs) -> float:
   return float(sum(xs) / len(xs)) if xs else float('nan')
 
 
+def stderr(xs) -> float:
+  """Standard error of the mean: sample standard deviation / sqrt(n) (for 0/1 scores,
+  close to the binomial sqrt(p(1-p)/n)); nan below two values."""
+  xs = [float(x) for x in xs]
+  n = len(xs)
+  if n < 2:
+    return float('nan')
+  m = sum(xs) / n
+  return float((sum((x - m) ** 2 for x in xs) / (n - 1) / n) ** 0.5)
+
+
 def score_row(suite: str, metric: str, values: list[float], **settings) -> dict[str, Any]:
-  return {'suite': suite, 'metric': metric, 'value': mean(values), 'n': len(values), **settings}
+  """One result: the mean of per-example `values`, their number and its standard error."""
+  return {'suite': suite, 'metric': metric, 'value': mean(values), 'n': len(values),
+          'stderr': stderr(values), **settings}

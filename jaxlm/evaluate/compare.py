@@ -5,8 +5,10 @@ baselines), and their accuracy-vs-position curves on one figure.
       [--out=evals/compare] [--markdown]
 
 Each argument is an --out directory of `python -m jaxlm.evaluate` (or its results.json).
-Rows are (suite, metric, settings); a run without a row shows '-'. The first run is the
-reference: later columns also show the difference from it in points.
+Rows are (suite, metric, settings); a run without a row shows '-'. Cells are scores in
+points with their standard error (± s.e., over the row's n examples, in the `n` column);
+the first run is the reference: later columns also show the difference from it in points.
+The position plots draw the standard errors as error bars.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 from typing import Any
 
-_SKIP = ('suite', 'metric', 'value', 'n', 'data', 'source')
+_SKIP = ('suite', 'metric', 'value', 'n', 'stderr', 'data', 'source')
 
 
 def load(path: str) -> dict[str, Any]:
@@ -38,30 +40,33 @@ def row_key(score: dict[str, Any]) -> tuple:
 def table(runs: list[dict[str, Any]], markdown: bool = False) -> str:
   names = [r.get('name') or f'run{i}' for i, r in enumerate(runs)]
   keys: list[tuple] = []
-  values: list[dict[tuple, float]] = []
+  values: list[dict[tuple, dict[str, Any]]] = []
   for r in runs:
     d = {}
     for s in r['scores']:
       k = row_key(s)
-      d[k] = 100 * s['value']
+      d[k] = s
       if k not in keys:
         keys.append(k)
     values.append(d)
-  header = ['suite', 'metric', 'settings'] + [
+  header = ['suite', 'metric', 'settings', 'n'] + [
       n if i == 0 else f'{n} (Δ)' for i, n in enumerate(names)]
   rows = []
   for k in keys:
     ref = values[0].get(k)
     cells = []
     for i, d in enumerate(values):
-      v = d.get(k)
-      if v is None:
+      s = d.get(k)
+      if s is None:
         cells.append('-')
-      elif i == 0 or ref is None:
-        cells.append(f'{v:.2f}')
-      else:
-        cells.append(f'{v:.2f} ({v - ref:+.2f})')
-    rows.append([k[0], k[1], ', '.join(f'{a}={b}' for a, b in k[2])] + cells)
+        continue
+      v, se = 100 * s['value'], s.get('stderr')
+      cell = f'{v:.2f}' + (f' ± {100 * se:.2f}' if isinstance(se, float) and se == se else '')
+      if i > 0 and ref is not None:
+        cell += f" ({v - 100 * ref['value']:+.2f})"
+      cells.append(cell)
+    ns = sorted({str(d[k]['n']) for d in values if k in d and 'n' in d[k]}, key=int)
+    rows.append([k[0], k[1], ', '.join(f'{a}={b}' for a, b in k[2]), '/'.join(ns) or '-'] + cells)
   if markdown:
     out = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     out += ['| ' + ' | '.join(r) + ' |' for r in rows]

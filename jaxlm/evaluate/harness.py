@@ -61,6 +61,9 @@ def format_scores(scores: list[dict]) -> str:
   lines = []
   for s in scores:
     settings = ', '.join(f'{k}={v}' for k, v in s.items()
-                         if k not in ('suite', 'metric', 'value', 'n', 'data', 'source'))
-    lines.append(f"{s['suite']:8s} {s['metric']:20s} {s['value']:.3f}  n={s['n']:<5d} {settings}")
+                         if k not in ('suite', 'metric', 'value', 'n', 'stderr', 'data', 'source'))
+    se = s.get('stderr')
+    se = f' ± {se:.3f}' if isinstance(se, float) and se == se else ''
+    lines.append(f"{s['suite']:8s} {s['metric']:20s} {s['value']:.3f}{se}  n={s['n']:<5d} "
+                 f"{settings}")
   return '\n'.join(lines)

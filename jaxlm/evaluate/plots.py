@@ -15,8 +15,9 @@ import numpy as np  # noqa: E402
 
 def position_curves(runs: dict[str, list[dict[str, Any]]], path: str, *, suite: str,
                     metric: str, group_key: str | None = None, title: str | None = None) -> bool:
-  """One line per (run, group) of `metric` against gold_position. Returns False (and
-  writes nothing) when no run has such scores."""
+  """One line per (run, group) of `metric` against gold_position, with standard-error bars
+  where the scores carry `stderr`. Returns False (and writes nothing) when no run has such
+  scores."""
   fig, ax = plt.subplots(figsize=(6, 3.8))
   drawn = False
   for run_name, scores in runs.items():
@@ -25,12 +26,14 @@ def position_curves(runs: dict[str, list[dict[str, Any]]], path: str, *, suite: 
             == 'haystack']
     groups = sorted({s.get(group_key) for s in rows}, key=str) if group_key else [None]
     for g in groups:
-      pts = sorted((s['gold_position'], s['value']) for s in rows
+      pts = sorted((s['gold_position'], s['value'], s.get('stderr')) for s in rows
                    if group_key is None or s.get(group_key) == g)
       if not pts:
         continue
       label = run_name if g is None or len(groups) == 1 else f'{run_name} ({group_key}={g})'
-      ax.plot([p for p, _ in pts], [v for _, v in pts], 'o-', label=label)
+      errs = [e if isinstance(e, float) and e == e else 0.0 for _, _, e in pts]
+      ax.errorbar([p for p, _, _ in pts], [v for _, v, _ in pts], yerr=errs if any(errs) else None,
+                  fmt='o-', capsize=3, label=label)
       drawn = True
   if not drawn:
     plt.close(fig)
