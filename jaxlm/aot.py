@@ -198,8 +198,8 @@ def compile_report(c, cfg, mesh, make_step, *, topology: Topology | None = None,
       'global_batch': int(c.train.batch_size), 'attention': cfg.attention_impl,
       'remat': getattr(cfg, 'remat', None)}
   tokens = c.train.batch_size * c.data.seq_len
-  report['model_flops_per_step'] = float(flops.train_flops_per_token(cfg, c.data.seq_len)
-                                         * tokens)
+  report['model_flops_per_step'] = float(flops.train_flops_per_token(
+      cfg, c.data.seq_len, head_positions=c.train.get('loss_positions')) * tokens)
   if compiled is None:
     # "... HLO temporaries (214.78G) exceeds available HBM (95.74G)": keep the numbers.
     need = re.search(r'required for [^(]*\(([\d.]+)([KMGT])\)', error)

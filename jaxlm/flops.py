@@ -6,7 +6,9 @@ Training FLOPs per token = 3 x forward (backward is twice the forward):
           + 4 x layers x heads x head_dim x (mean keys each query attends to)
 The mean number of visible keys is (T+1)/2 for causal attention over T tokens and
 shrinks further with a sliding window W: mean over t of min(t+1, W). Packed sequences
-are counted as if unpacked (an upper bound). MFU = achieved model FLOPs per second per
+are counted as if unpacked (an upper bound). With `head_positions=K` (the trainer's
+`train.loss_positions`: the output projection runs at K positions of each row only) the
+head is charged K/T of its per-token cost. MFU = achieved model FLOPs per second per
 device / the chip's peak dense bf16 FLOPs.
 """
 
@@ -54,14 +56,17 @@ def matmul_params(cfg) -> int:
   return params
 
 
-def forward_flops_per_token(cfg, seq_len: int) -> float:
+def forward_flops_per_token(cfg, seq_len: int, head_positions: int | None = None) -> float:
   attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_visible_keys(
       seq_len, cfg.sliding_window)
-  return 2 * matmul_params(cfg) + attention
+  params = float(matmul_params(cfg))
+  if head_positions and head_positions < seq_len:   # the head at K of T positions only
+    params -= cfg.vocab_size * cfg.hidden_size * (1 - head_positions / seq_len)
+  return 2 * params + attention
 
 
-def train_flops_per_token(cfg, seq_len: int) -> float:
-  return 3 * forward_flops_per_token(cfg, seq_len)
+def train_flops_per_token(cfg, seq_len: int, head_positions: int | None = None) -> float:
+  return 3 * forward_flops_per_token(cfg, seq_len, head_positions)
 
 
 def peak_flops(device_kind: str) -> float:
@@ -83,7 +88,9 @@ def device_peak(override: float | None = None) -> float | None:
   return peak_flops(device.device_kind)
 
 
-def mfu(tokens_per_second: float, cfg, seq_len: int, num_devices: int, peak: float | None):
+def mfu(tokens_per_second: float, cfg, seq_len: int, num_devices: int, peak: float | None,
+        head_positions: int | None = None):
   if not peak:
     return None
-  return tokens_per_second * train_flops_per_token(cfg, seq_len) / (num_devices * peak)
+  return (tokens_per_second * train_flops_per_token(cfg, seq_len, head_positions)
+          / (num_devices * peak))

@@ -515,7 +515,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
           m = {k: float(v) for k, v in metrics.items()}
           m.update(step_time=dt, tokens_per_s=tokens_per_step / dt,
                    mfu=flops.mfu(tokens_per_step / dt, cfg, c.data.seq_len,
-                                 mesh.size, peak))
+                                 mesh.size, peak, head_positions=c.train.loss_positions))
           writer.write(step, m)
           eta = (c.train.steps - step) * dt
           log(f'[train] step {step}/{c.train.steps} loss {m["loss"]:.4f} '

@@ -24,6 +24,16 @@ def test_7b_train_flops_per_token():
       cfg.replace(sliding_window=None), 32768)
 
 
+def test_head_at_answer_positions_is_charged_for_those_only():
+  cfg = get_config('tiny', tie_word_embeddings=True)
+  T, K = 384, 32
+  full, part = flops.train_flops_per_token(cfg, T), flops.train_flops_per_token(cfg, T, K)
+  head = 6 * cfg.vocab_size * cfg.hidden_size
+  assert full - part == pytest.approx(head * (1 - K / T))
+  assert flops.train_flops_per_token(cfg, T, T) == full      # every position: nothing saved
+  assert flops.mfu(100, cfg, T, 1, 1e12, head_positions=K) == pytest.approx(100 * part / 1e12)
+
+
 def test_unknown_chip_fails_loudly():
   assert flops.peak_flops('TPU v5 lite') == 197e12
   with pytest.raises(KeyError, match="no peak FLOP/s known for device kind 'TPU v99'"):
