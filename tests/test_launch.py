@@ -1,5 +1,6 @@
 """launch/: N local processes train as one JAX runtime and match one process; the TPU pod
 and SLURM launchers print the commands they would run (no cloud, no scheduler here)."""
+import json
 import os
 import subprocess
 
@@ -131,3 +132,25 @@ def test_slurm_dry_run_takes_the_coordinator_from_the_allocation():
   outside = _launch('launch/gpu_slurm.sbatch', 'configs/tiny_kv.py',
                     env={'SLURM_JOB_NODELIST': ''})
   assert outside.returncode == 2 and 'not inside a SLURM allocation' in outside.stderr
+
+
+def test_transfer_experiment_runs_both_models_and_compares(tmp_path):
+  """launch/transfer.sh on a tiny stand-in for both models: two evaluations, one table."""
+  from tests.conftest import make_hf_model
+  make_hf_model(tmp_path / 'hf', vocab_size=32000, max_position_embeddings=8192)
+  r = _launch('launch/transfer.sh', env={'TUNED': str(tmp_path / 'missing')})
+  assert r.returncode == 2 and f'no fine-tuned model at {tmp_path}/missing' in r.stderr
+  env = {'BASE': str(tmp_path / 'hf'), 'TUNED': str(tmp_path / 'hf'), 'N': '1',
+         'OUT': str(tmp_path / 'evals'), 'JAX_PLATFORMS': 'cpu'}
+  r = _launch('launch/transfer.sh', '--max_new_tokens=2', env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ('base', 'simple_kv'):
+    res = json.load(open(tmp_path / 'evals' / f'smol_{name}' / 'results.json'))
+    assert res['name'] == name
+    rows = {(s['variant'], s.get('gold_position')) for s in res['scores']}
+    assert rows == {('haystack', 1), ('haystack', 5), ('haystack', 10), ('oracle', 1),
+                    ('closedbook', None)}
+    assert all(s['n'] == 1 and s['num_docs'] in (0, 1, 10) for s in res['scores'])
+  table = (tmp_path / 'evals' / 'compare' / 'comparison.md').read_text()
+  assert 'simple_kv (Δ)' in table and 'num_docs=10' in table
+  assert (tmp_path / 'evals' / 'compare' / 'mdqa_by_position.png').exists()
