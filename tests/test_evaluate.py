@@ -262,6 +262,26 @@ def test_score_rows_carry_the_standard_error_and_compare_shows_it(tmp_path):
   text = compare.table(runs, markdown=True)
   row = text.splitlines()[2]
   assert '| 100 |' in row and '30.00 ± 4.61' in row and '40.00 ± 4.92 (+10.00)' in row, row
+  # with predictions beside the results: the paired standard error of the difference
+  rng = np.random.default_rng(0)
+  a_scores, b_scores = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+  for name, sc in (('base', a_scores), ('tuned', b_scores)):
+    d = tmp_path / name
+    d.mkdir()
+    rows = [{'id': f'q{i}', 'variant': 'haystack', 'num_docs': 10, 'gold_position': g,
+             'score': float(sc[i]) if g == 1 else 0.0} for g in (1, 10) for i in range(50)]
+    with open(d / 'predictions_mdqa.jsonl', 'w') as f:
+      f.write('\n'.join(json.dumps(r) for r in rows[::-1]) + '\n')   # order does not matter
+    score = score_row('mdqa', 'best_subspan_em', [float(x) for x in sc], variant='haystack',
+                      num_docs=10, gold_position=1)
+    (d / 'results.json').write_text(json.dumps({'name': name, 'scores': [score]}))
+  runs = [compare.load(str(tmp_path / 'base')), compare.load(str(tmp_path / 'tuned'))]
+  diff = (b_scores - a_scores).astype(float)
+  expected = np.std(diff, ddof=1) / np.sqrt(50)
+  assert compare.paired_stderr(runs[0], runs[1], runs[0]['scores'][0]) == pytest.approx(expected)
+  assert f'± {100 * expected:.2f} paired s.e.' in compare.table(runs)
+  (tmp_path / 'tuned' / 'predictions_mdqa.jsonl').unlink()      # no predictions: no paired s.e.
+  assert compare.paired_stderr(runs[0], runs[1], runs[0]['scores'][0]) is None
   # the position plot draws the standard errors
   from jaxlm.evaluate import plots
   assert plots.position_curves({r['name']: r['scores'] for r in runs}, str(tmp_path / 'p.png'),

@@ -7,7 +7,11 @@ baselines), and their accuracy-vs-position curves on one figure.
 Each argument is an --out directory of `python -m jaxlm.evaluate` (or its results.json).
 Rows are (suite, metric, settings); a run without a row shows '-'. Cells are scores in
 points with their standard error (± s.e., over the row's n examples, in the `n` column);
-the first run is the reference: later columns also show the difference from it in points.
+the first run is the reference: later columns also show the difference from it in points,
+with the standard error of that difference over the same examples (`paired s.e.`) where
+both runs' predictions_SUITE.jsonl files sit beside their results and the suite scores
+one metric per example (the per-example differences' standard deviation / sqrt(n), over
+the same questions answered by both models).
 The position plots draw the standard errors as error bars.
 """
 
@@ -29,7 +33,42 @@ def load(path: str) -> dict[str, Any]:
     res = json.load(f)
   if 'scores' not in res:
     raise SystemExit(f'compare: {file} has no "scores" (not a jaxlm.evaluate results.json)')
+  res['_dir'] = os.path.dirname(os.path.abspath(file))
   return res
+
+
+def _predictions(run: dict[str, Any], suite: str) -> list[dict[str, Any]] | None:
+  file = os.path.join(run.get('_dir', ''), f'predictions_{suite}.jsonl')
+  if not os.path.exists(file):
+    return None
+  with open(file) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def paired_stderr(ref: dict[str, Any], other: dict[str, Any], score: dict[str, Any]):
+  """Standard error of the mean per-example difference (other - ref) on the row `score`
+  describes, matching examples by id and the row's settings; None when the predictions
+  are missing, the suite scores several metrics per example, or the ids do not match."""
+  suite = score['suite']
+  if len({s['metric'] for s in ref['scores'] if s['suite'] == suite}) != 1:
+    return None
+  settings = {k: v for k, v in score.items() if k not in _SKIP}
+  per_run = []
+  for run in (ref, other):
+    preds = _predictions(run, suite)
+    if preds is None:
+      return None
+    rows = {}
+    for p in preds:
+      if all(k in p for k in settings) and all(p[k] == v for k, v in settings.items()):
+        rows[p.get('id')] = float(p['score'])
+    per_run.append(rows)
+  a, b = per_run
+  if not a or a.keys() != b.keys() or len(a) != score.get('n', len(a)) or len(a) < 2:
+    return None
+  d = [b[i] - a[i] for i in a]
+  m = sum(d) / len(d)
+  return (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
 
 
 def row_key(score: dict[str, Any]) -> tuple:
@@ -63,7 +102,9 @@ def table(runs: list[dict[str, Any]], markdown: bool = False) -> str:
       v, se = 100 * s['value'], s.get('stderr')
       cell = f'{v:.2f}' + (f' ± {100 * se:.2f}' if isinstance(se, float) and se == se else '')
       if i > 0 and ref is not None:
-        cell += f" ({v - 100 * ref['value']:+.2f})"
+        pse = paired_stderr(runs[0], runs[i], ref)
+        pse = f' ± {100 * pse:.2f} paired s.e.' if pse is not None else ''
+        cell += f" ({v - 100 * ref['value']:+.2f}{pse})"
       cells.append(cell)
     ns = sorted({str(d[k]['n']) for d in values if k in d and 'n' in d[k]}, key=int)
     rows.append([k[0], k[1], ', '.join(f'{a}={b}' for a, b in k[2]), '/'.join(ns) or '-'] + cells)
