@@ -154,3 +154,19 @@ def test_transfer_experiment_runs_both_models_and_compares(tmp_path):
   table = (tmp_path / 'evals' / 'compare' / 'comparison.md').read_text()
   assert 'simple_kv (Δ)' in table and 'num_docs=10' in table
   assert (tmp_path / 'evals' / 'compare' / 'mdqa_by_position.png').exists()
+
+
+def test_env_preloads_tcmalloc_when_present_and_can_be_turned_off():
+  import glob
+  script = 'source launch/_env.sh requirements-test.txt >/dev/null; echo "[${LD_PRELOAD:-}]"'
+  env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'JAXLM_TCMALLOC')}
+  on = subprocess.run(['bash', '-c', script], cwd=ROOT, env=env, capture_output=True, text=True)
+  off = subprocess.run(['bash', '-c', script], cwd=ROOT, env={**env, 'JAXLM_TCMALLOC': '0'},
+                       capture_output=True, text=True)
+  assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+  assert off.stdout.strip() == '[]' and 'tcmalloc' not in off.stderr
+  libs = glob.glob('/usr/lib/*/libtcmalloc_minimal.so.4') + glob.glob('/usr/lib*/libtcmalloc_minimal.so.4')
+  if libs:
+    assert on.stdout.strip() == f'[{libs[0]}]'
+  else:   # absent: nothing preloaded, and the set-up says how to get it
+    assert on.stdout.strip() == '[]' and 'apt-get install libtcmalloc-minimal4' in on.stderr
