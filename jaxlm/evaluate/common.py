@@ -94,6 +94,10 @@ def stderr(xs) -> float:
   return float((sum((x - m) ** 2 for x in xs) / (n - 1) / n) ** 0.5)
 
 
+# score fields that are not settings (the rest name the row: variant, num_docs, ...)
+RESULT_FIELDS = ('suite', 'metric', 'value', 'n', 'stderr', 'data', 'source')
+
+
 def score_row(suite: str, metric: str, values: list[float], **settings) -> dict[str, Any]:
   """One result: the mean of per-example `values`, their number and its standard error."""
   return {'suite': suite, 'metric': metric, 'value': mean(values), 'n': len(values),

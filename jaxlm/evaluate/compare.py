@@ -22,7 +22,7 @@ import json
 import os
 from typing import Any
 
-_SKIP = ('suite', 'metric', 'value', 'n', 'stderr', 'data', 'source')
+from jaxlm.evaluate.common import RESULT_FIELDS as _SKIP, stderr
 
 
 def load(path: str) -> dict[str, Any]:
@@ -66,9 +66,7 @@ def paired_stderr(ref: dict[str, Any], other: dict[str, Any], score: dict[str, A
   a, b = per_run
   if not a or a.keys() != b.keys() or len(a) != score.get('n', len(a)) or len(a) < 2:
     return None
-  d = [b[i] - a[i] for i in a]
-  m = sum(d) / len(d)
-  return (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+  return stderr([b[i] - a[i] for i in a])
 
 
 def row_key(score: dict[str, Any]) -> tuple:

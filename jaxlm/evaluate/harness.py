@@ -8,7 +8,7 @@ import json
 import os
 import time
 
-from jaxlm.evaluate.common import Options
+from jaxlm.evaluate.common import RESULT_FIELDS, Options
 
 
 def run_suites(runner, suites: list[str], opts: Options, out: str, name: str,
@@ -61,7 +61,7 @@ def format_scores(scores: list[dict]) -> str:
   lines = []
   for s in scores:
     settings = ', '.join(f'{k}={v}' for k, v in s.items()
-                         if k not in ('suite', 'metric', 'value', 'n', 'stderr', 'data', 'source'))
+                         if k not in RESULT_FIELDS)
     se = s.get('stderr')
     se = f' ± {se:.3f}' if isinstance(se, float) and se == se else ''
     lines.append(f"{s['suite']:8s} {s['metric']:20s} {s['value']:.3f}{se}  n={s['n']:<5d} "
