@@ -7,7 +7,13 @@ Field reference (all overridable: --config.train.steps=100, --config.mesh.fsdp=-
   eval.*    held-out retrieval accuracy by gold position (periodic and final)
   mesh.*    device mesh sizes (one may be -1: the remaining devices)
 """
+import dataclasses
+
 import ml_collections
+
+from jaxlm.config import RUN_FIELDS
+from jaxlm.data.pipeline import DataConfig
+from jaxlm.model import MistralConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,30 +27,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'tiny'
-  # Numerics and kernels (the same for every preset); architecture fields that differ from
-  # the preset are added by the config files that change them (see tiny_kv.py).
-  c.model.param_dtype = 'float32'   # master weights
-  c.model.dtype = 'float32'         # compute
-  c.model.attention_impl = 'auto'   # dense | blockwise | ring | cudnn | splash | auto
-  c.model.attention_block_q = 512
-  c.model.attention_block_kv = 512
-  c.model.ring_layout = 'natural'
-  c.model.remat = 'none'            # none | full | dots
+  # Numerics and kernels (jaxlm.config.RUN_FIELDS, the same for every preset), with the
+  # defaults of jaxlm.model.MistralConfig; architecture fields that differ from the preset
+  # are added by the config files that change them (see tiny_kv.py).
+  model_defaults = MistralConfig()
+  for name in RUN_FIELDS:   # param_dtype, dtype, attention_impl, blocks, ring_layout, remat
+    c.model[name] = getattr(model_defaults, name)
+  c.model.attention_impl = 'auto'   # training picks by mesh and length (jaxlm.attention)
 
-  c.data = ml_collections.ConfigDict()
-  c.data.task = 'simple_kv'
-  c.data.task_fields = ml_collections.ConfigDict()
-  c.data.seed = 0
-  c.data.num_examples = None        # None: an endless stream of fresh examples
-  c.data.num_epochs = 1
-  c.data.shuffle = True
-  c.data.seq_len = 4096
-  c.data.packing = False
-  c.data.num_packing_bins = 8
-  c.data.chat_format = 'mistral'
-  c.data.on_long = 'error'
-  c.data.num_threads = 0            # 0: batches built in the trainer's thread (overlaps the step)
-  c.data.num_workers = 0            # >0: Grain worker processes (mp_prefetch)
+  # jaxlm.data.pipeline.DataConfig's fields and defaults (documented there); the global
+  # batch is train.batch_size.
+  c.data = ml_collections.ConfigDict({
+      k: v for k, v in dataclasses.asdict(DataConfig()).items() if k != 'global_batch_size'})
+  c.data.task_fields = ml_collections.ConfigDict()   # the task's config overrides
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

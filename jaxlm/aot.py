@@ -135,20 +135,6 @@ def topology_devices(topo: Topology):
   return devices
 
 
-def make_mesh(shape: tuple[int, ...], devices, topo: Topology | None = None):
-  """The (data, fsdp, tensor, context) mesh; across several slices the data axis is split
-  between slices (DCN) and within them (ICI)."""
-  from jaxlm import sharding as shd
-  if topo is None or topo.slices == 1:
-    return shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
-  from jax.experimental import mesh_utils
-  ici = (shape[0] // topo.slices, *shape[1:])
-  dcn = (topo.slices,) + (1,) * (len(shape) - 1)
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-  return jax.sharding.Mesh(grid, shd.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
-
-
 def abstract_train_state(cfg, c, tx):
   """(graphdef, abstract state) of model + optimizer: shapes and logical axes, no memory."""
   from flax import nnx
@@ -160,16 +146,14 @@ def abstract_train_state(cfg, c, tx):
   return nnx.split(nnx.eval_shape(build))
 
 
-def compile_report(c, cfg, mesh, make_step, *, topology: Topology | None = None,
+def compile_report(c, cfg, mesh, make_step, tx, *, topology: Topology | None = None,
                    log=print) -> dict[str, Any]:
   """Lower and compile the train step for `mesh` and report memory, FLOPs and bounds.
-  make_step(graphdef) -> the step function the trainer jits."""
+  make_step(graphdef) -> the step function the trainer jits; tx: its optax optimizer."""
   from jax.sharding import NamedSharding
   from jaxlm import flops
   from jaxlm import sharding as shd
-  from jaxlm.train import make_optimizer, make_schedule
 
-  tx = make_optimizer(c.train, make_schedule(c.train))
   graphdef, state = abstract_train_state(cfg, c, tx)
   shardings = shd.state_shardings(state, mesh)
   seq_sharded = mesh.shape['context'] > 1

@@ -6,9 +6,12 @@ head_dim, Llama 3.1/3.2 'llama3' RoPE scaling) and Qwen2 (q/k/v projection biase
 
 Every parameter carries logical axis names (metadata key `out_sharding`) drawn from
 `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; `jaxlm.sharding` maps them
-to mesh axes. Shapes use suffixes: B batch, T query length, S key length, K gathered
-logit positions (or key/value heads in weight shapes), D model width, H query heads,
-Dh head width, F MLP width, V vocabulary.
+to mesh axes.
+
+Shape suffixes, one meaning per letter here and in jaxlm/attention: B batch, T query
+length, S key/value length, D model width, H query heads, K key/value heads, G query heads
+per key/value head (H / K), N heads of either kind, E head width (E2 = E / 2), F MLP width,
+V vocabulary, P picked logit positions.
 
 Weights follow Hugging Face's layout after a transpose and a reshape (see
 `jaxlm.convert`), including its rotate-half RoPE convention, so logits match
@@ -225,7 +228,7 @@ class RMSNorm(nnx.Module):
 
 
 def rope_inv_freq(cfg: MistralConfig) -> jax.Array:
-  """Float32 inverse frequencies [Dh/2] of the rotary embedding, scaled as cfg.rope_type says.
+  """Float32 inverse frequencies [E/2] of the rotary embedding, scaled as cfg.rope_type says.
 
   'llama3' (Llama 3.1/3.2): frequencies whose wavelength exceeds original_max /
   low_freq_factor are divided by `factor`, those with a wavelength below original_max /
@@ -246,16 +249,16 @@ def rope_inv_freq(cfg: MistralConfig) -> jax.Array:
   return jnp.where(medium, smoothed, scaled).astype(jnp.float32)
 
 
-def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotary embedding, rotate-half convention (first and second halves of Dh paired).
+def rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, rotate-half convention (first and second halves of E paired).
 
-  inv_freq: float32 [Dh/2] from `rope_inv_freq`."""
-  angles_BxTxDh2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-  angles_BxTxDh = jnp.concatenate([angles_BxTxDh2, angles_BxTxDh2], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles_BxTxDh), jnp.sin(angles_BxTxDh)
-  x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+  inv_freq: float32 [E/2] from `rope_inv_freq`."""
+  angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BxTxE = jnp.concatenate([angles_BxTxE2, angles_BxTxE2], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BxTxE), jnp.sin(angles_BxTxE)
+  x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x_BxTxNxDh * cos + rotated * sin).astype(x_BxTxNxDh.dtype)
+  return (x_BxTxNxE * cos + rotated * sin).astype(x_BxTxNxE.dtype)
 
 
 class Attention(nnx.Module):
@@ -276,7 +279,7 @@ class Attention(nnx.Module):
       self.o_bias = _param(rngs, (d,), ('embed',), cfg, nnx.initializers.zeros)
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False):
-    """cache: None, or (k_BxSxKxDh, v_BxSxKxDh, kv_positions_BxS, kv_segment_ids_BxS, index)
+    """cache: None, or (k_BxSxKxE, v_BxSxKxE, kv_positions_BxS, kv_segment_ids_BxS, index)
     with the buffers already holding this step's positions and segment ids at `index`.
     natural: positions are 0..T-1 and segment_ids_BxT is None, so kernels with static
     masks (cudnn, splash) apply."""
@@ -358,8 +361,8 @@ class KVCache:
   no query matches. The whole buffer is kept (no rolling window): with a sliding
   window, old slots are masked rather than overwritten.
   """
-  k: list[jax.Array]            # per layer [B, S, K, Dh]
-  v: list[jax.Array]            # per layer [B, S, K, Dh]
+  k: list[jax.Array]            # per layer [B, S, K, E]
+  v: list[jax.Array]            # per layer [B, S, K, E]
   positions_BxS: jax.Array      # int32
   segment_ids_BxS: jax.Array    # int32, -1 for empty slots
   index: jax.Array              # int32 scalar: next slot to write
@@ -388,11 +391,11 @@ class Mistral(nnx.Module):
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                *, segment_ids_BxT: jax.Array | None = None,
-               logit_positions_BxK: jax.Array | None = None) -> jax.Array:
+               logit_positions_BxP: jax.Array | None = None) -> jax.Array:
     """Float32 logits [B, T, V]. Positions default to 0..T-1; tokens attend only to
     earlier tokens of the same segment (segment ids default to all zeros).
 
-    logit_positions_BxK: int32 indices into T; when given, only those positions go
+    logit_positions_BxP: int32 indices into T; when given, only those positions go
     through the final norm and the output projection and the result is [B, K, V]
     (answer-only training needs logits at a few positions of a long sequence)."""
     B, T = tokens_BxT.shape
@@ -409,8 +412,8 @@ class Mistral(nnx.Module):
         run = lambda blk, x, p, s: blk(x, p, s, natural=natural)[0]
         x = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])(
             block, x, positions_BxT, segment_ids_BxT)
-    if logit_positions_BxK is not None:
-      x = jnp.take_along_axis(x, logit_positions_BxK.astype(jnp.int32)[..., None], axis=1)
+    if logit_positions_BxP is not None:
+      x = jnp.take_along_axis(x, logit_positions_BxP.astype(jnp.int32)[..., None], axis=1)
       return self._logits(x, names=GATHERED_VOCAB_ACT)
     return self._logits(x)
 

@@ -142,7 +142,7 @@ def _plot(path: str, rows) -> None:
 def run_study(base, seq_lens, attentions, devices, out: str, *, steps: int = 4,
               batch: int | None = None, mode: str = 'run', log=print) -> list[dict[str, Any]]:
   import jax
-  from jaxlm.train import ConfigError
+  from jaxlm.config import ConfigError
   if mode not in ('run', 'aot'):
     raise ValueError(f"--mode={mode!r} must be 'run' or 'aot'")
   too_many = [d for d in devices if d > jax.device_count()]
@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     os.environ['JAX_PLATFORMS'] = 'cpu'
     os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={a.cpu_devices} '
                                + os.environ.get('XLA_FLAGS', ''))
-  from jaxlm.train import load_config_file
+  from jaxlm.config import load_config_file
   from jaxlm.attention import IMPLEMENTATIONS
   attentions = [x for x in a.attention.split(',') if x]
   bad = [x for x in attentions if x not in IMPLEMENTATIONS]

@@ -119,12 +119,40 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor, context) sized from `sizes`."""
-  devices = jax.devices() if devices is None else devices
+def make_mesh(sizes: dict[str, int], devices=None, *, num_slices: int | None = None,
+              slice_index=None) -> Mesh:
+  """The (data, fsdp, tensor, context) mesh sized from `sizes` (one size may be -1): the
+  one mesh factory of every entry point (trainer, --aot_only, evaluation, studies).
+
+  `devices`: local devices, all processes' devices of a multi-process run, or a TPU
+  topology's abstract devices (default: jax.devices()). Devices of several slices (TPU
+  multi-slice: `slice_index` differs) get a hybrid mesh: the data axis is split across the
+  slices (only gradient reductions cross the slower data-center network), every other
+  axis stays within a slice. `num_slices` defaults to the number of distinct slice indices;
+  `slice_index(device)` to the device's own `slice_index` attribute (0 when it has none).
+  """
+  devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  slice_of = slice_index or (lambda d: getattr(d, 'slice_index', 0) or 0)
+  groups: dict[int, list] = {}
+  for d in devices:
+    groups.setdefault(int(slice_of(d)), []).append(d)
+  num_slices = len(groups) if num_slices is None else num_slices
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if num_slices <= 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  if len(groups) != num_slices or len({len(g) for g in groups.values()}) != 1:
+    raise ValueError(f'num_slices={num_slices} but the devices form {len(groups)} slice(s) of '
+                     f'sizes {sorted(len(g) for g in groups.values())}')
+  if shape[0] % num_slices:
+    raise ValueError(f'mesh data={shape[0]} must be a multiple of the {num_slices} slices '
+                     f'(the data axis spans slices); mesh {dict(zip(MESH_AXES, shape))}')
+  from jax.experimental import mesh_utils
+  ici = (shape[0] // num_slices, *shape[1:])
+  grid = np.concatenate([mesh_utils.create_device_mesh(ici, groups[k],
+                                                       allow_split_physical_axes=True)
+                         for k in sorted(groups)], axis=0)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def state_shardings(state, mesh: Mesh, rules=None):

@@ -251,7 +251,7 @@ def main(argv=None) -> None:
         raise SweepError(f'--set {s!r} is not FIELD=VALUE')
     if not os.path.exists(a.config):
       raise SweepError(f'config file {a.config!r} not found')
-    from jaxlm.train import load_config_file
+    from jaxlm.config import load_config_file
     check_fields(load_config_file(a.config), grid)
     rows = run_sweep(a.config, grid, a.workdir, fixed=a.set, mode=a.run, launcher=a.launcher,
                      metric=a.metric)

@@ -34,19 +34,25 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
+from jaxlm import checkpoint as ckpt
+from jaxlm import config as config_lib
 from jaxlm import convert, flops
 from jaxlm import sharding as shd
 from jaxlm.data.pipeline import DataConfig, make_dataset
 from jaxlm.embed_init import compose_embeddings, piece_splits
-from jaxlm.model import MistralConfig, get_config, init_model
-from jaxlm.tokenizer import load_tokenizer
+from jaxlm.model import init_model
+# Moved to jaxlm.config and jaxlm.checkpoint; kept here for scripts that import them from
+# the trainer.
+from jaxlm.config import (ConfigError, RUN_FIELDS, load_config_file,  # noqa: F401
+                          load_run_tokenizer, model_config, validate)
+from jaxlm.checkpoint import restore_model  # noqa: F401
 
+dataclass_fields = config_lib.run_fields
 _FLAGS: dict[str, Any] = {}
 
 
 def _define_flags() -> None:
-  """Command-line flags, defined only when the trainer is the program (other entry
-  points, e.g. python -m jaxlm.evaluate, import this module and define their own)."""
+  """Command-line flags, defined only when the trainer is the program."""
   _FLAGS['config'] = config_flags.DEFINE_config_file('config', None, 'training config file',
                                                      lock_config=True)
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,
@@ -58,114 +64,7 @@ def _define_flags() -> None:
       '2xv5p-32 for two slices) instead of this machine; needs libtpu')
 
 
-def load_config_file(path: str):
-  """get_config() of a config file (configs/NAME.py), as --config=PATH would load it."""
-  import importlib.util
-  if not os.path.exists(path):
-    raise ConfigError(f'config file {path!r} not found')
-  spec = importlib.util.spec_from_file_location('_jaxlm_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run; the message names the field and value."""
-
-
-# ----------------------------------------------------------------------------- set-up
-
-
-# Model config fields that a run chooses and a checkpoint does not: numerics and kernels.
-RUN_FIELDS = ('param_dtype', 'dtype', 'attention_impl', 'attention_block_q',
-              'attention_block_kv', 'ring_layout', 'remat')
-
-
-def _check_init(c) -> None:
-  """How the parameters start: checked before any checkpoint is read."""
-  if c.embed_init not in ('random', 'compose'):
-    raise ConfigError(f"embed_init={c.embed_init!r} must be 'random' or 'compose'")
-  if c.embed_init == 'compose' and c.init_from:
-    raise ConfigError(f"embed_init='compose' initializes a model trained from scratch, but "
-                      f"init_from={c.init_from!r} loads trained embeddings; drop one "
-                      f"(--config.embed_init=random keeps init_from)")
-
-
-def model_config(c) -> MistralConfig:
-  """The model a run trains: the preset with config.model's fields, or, with init_from,
-  the checkpoint's architecture with config.model's numerics (RUN_FIELDS). An
-  architecture field of config.model that contradicts the checkpoint is an error."""
-  _check_init(c)
-  fields = {k: v for k, v in c.model.items() if k != 'preset'}
-  if not c.init_from:
-    try:
-      return get_config(c.model.preset, **fields)
-    except ValueError as e:
-      raise ConfigError(f'config.model: {e}') from None
-  try:
-    cfg = convert.checkpoint_config(c.init_from, **{k: v for k, v in fields.items()
-                                                    if k in RUN_FIELDS})
-  except (ValueError, OSError) as e:
-    raise ConfigError(f'init_from={c.init_from!r}: {e}') from None
-  for k, v in fields.items():
-    if k not in RUN_FIELDS and k != 'initializer_range' and getattr(cfg, k, v) != v:
-      raise ConfigError(f'config.model.{k}={v!r} but the checkpoint init_from={c.init_from!r} '
-                        f'has {k}={getattr(cfg, k)!r}; the checkpoint defines the architecture')
-  return cfg
-
-
-def load_run_tokenizer(c):
-  """config.tokenizer, or the tokenizer of the init_from checkpoint when it is ''."""
-  spec = c.tokenizer or c.init_from
-  if not spec:
-    raise ConfigError("tokenizer='' takes the tokenizer of init_from, but init_from is '' too")
-  try:
-    return load_tokenizer(spec)
-  except (ValueError, OSError) as e:
-    raise ConfigError(f'tokenizer={spec!r}: {e}') from None
-
-
-def validate(c, cfg: MistralConfig, num_devices: int) -> tuple[int, ...]:
-  """Start-up checks with clear errors; returns the resolved mesh shape."""
-  sizes = {k: v for k, v in c.mesh.items() if k != 'devices'}
-  if c.mesh.devices:
-    if c.mesh.devices > num_devices:
-      raise ConfigError(f'mesh.devices={c.mesh.devices} but only {num_devices} devices exist')
-    num_devices = c.mesh.devices
-  try:
-    shape = shd.mesh_shape(sizes, num_devices)
-  except ValueError as e:
-    raise ConfigError(f'config.mesh: {e}') from None
-  sizes = dict(zip(shd.MESH_AXES, shape))
-  t = c.train
-  batch_par = sizes['data'] * sizes['fsdp']
-  if t.batch_size % batch_par:
-    raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by data*fsdp='
-                      f'{batch_par} (mesh {sizes})')
-  if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % batch_par:
-    raise ConfigError(f'train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} must '
-                      f'be a whole micro-batch divisible by data*fsdp={batch_par}')
-  if cfg.num_kv_heads % sizes['tensor']:
-    raise ConfigError(f'mesh.tensor={sizes["tensor"]} does not divide the model\'s '
-                      f'num_kv_heads={cfg.num_kv_heads} (or num_heads={cfg.num_heads})')
-  if sizes['context'] > 1:
-    if cfg.attention_impl not in ('ring', 'auto'):
-      raise ConfigError(f'mesh.context={sizes["context"]} needs model.attention_impl=ring '
-                        f'(got {cfg.attention_impl!r})')
-    if c.data.seq_len % (2 * sizes['context']):
-      raise ConfigError(f'mesh.context={sizes["context"]} but data.seq_len={c.data.seq_len} '
-                        f'is not divisible by 2*{sizes["context"]}')
-  if t.schedule not in ('cosine', 'linear', 'constant'):
-    raise ConfigError(f"train.schedule={t.schedule!r} must be 'cosine', 'linear' or 'constant'")
-  _check_init(c)
-  if t.loss_positions < 0 or (t.loss_positions and t.prompt_loss_weight):
-    raise ConfigError(f'train.loss_positions={t.loss_positions} must be >= 0 and 0 when '
-                      f'train.prompt_loss_weight={t.prompt_loss_weight} (the prompt loss needs '
-                      f'logits at every position)')
-  if t.steps <= 0 or t.warmup_steps < 0:
-    raise ConfigError(f'train.steps={t.steps} must be positive, train.warmup_steps='
-                      f'{t.warmup_steps} non-negative')
-  return shape
+# ----------------------------------------------------------------------------- the step
 
 
 def make_schedule(t):
@@ -207,9 +106,9 @@ def loss_sums(model, batch, prompt_weight: float = 0.0, loss_positions: int = 0)
   targets, mask = batch['targets'], batch['loss_mask']
   kwargs = {}
   if loss_positions:
-    idx_BxK = answer_positions(mask, loss_positions)
-    targets, mask = (jnp.take_along_axis(x, idx_BxK, axis=1) for x in (targets, mask))
-    kwargs['logit_positions_BxK'] = idx_BxK
+    idx_BxP = answer_positions(mask, loss_positions)
+    targets, mask = (jnp.take_along_axis(x, idx_BxP, axis=1) for x in (targets, mask))
+    kwargs['logit_positions_BxP'] = idx_BxP
   logits = model(batch['inputs'], batch['positions'], segment_ids_BxT=batch['segment_ids'],
                  **kwargs)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -285,85 +184,6 @@ class MetricWriter:
       self.tb.close()
 
 
-def _checkpointer(workdir, keep):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                           create=True))
-
-
-def _save(mngr, step, state, data_iter):
-  import grain
-  import orbax.checkpoint as ocp
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-      data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
-
-
-def _restore(mngr, state, shardings, data_iter, log):
-  """Restore the newest readable checkpoint into (state, data_iter); returns its step
-  or None. An unreadable checkpoint is reported and the one before it tried."""
-  import grain
-  import orbax.checkpoint as ocp
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
-  unreadable = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
-    except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back)
-      log(f'[train] checkpoint at step {step} is unreadable ({type(e).__name__}: '
-          f'{str(e)[:200]}); trying the previous one')
-      unreadable.append(step)
-      continue
-    nnx.replace_by_pure_dict(state, restored['state'])
-    try:
-      mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
-    except Exception as e:  # noqa: BLE001
-      # Saved by a different number of processes: per-process data slices do not map.
-      log(f'[train] WARNING: the data-iterator state at step {step} does not fit this run '
-          f'({jax.process_count()} process(es)): {str(e)[:200]}; the data stream restarts '
-          f'from its beginning (examples may repeat)')
-    for bad in unreadable:   # training will write these steps again
-      log(f'[train] deleting the unreadable checkpoint at step {bad}')
-      mngr.delete(bad)
-    return step
-  return None
-
-
-def restore_model(c, workdir: str, mesh, step: int | None = None):
-  """(model config, model, step) from a training run's checkpoint: the parameters only,
-  placed straight into their shardings on `mesh` (the optimizer state stays on disk).
-  `workdir` is the run directory or its checkpoints/ folder; step None: the newest."""
-  import orbax.checkpoint as ocp
-  cfg = model_config(c)
-  root = workdir if os.path.basename(os.path.normpath(workdir)) == 'checkpoints' else \
-      os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f'no checkpoints/ directory in {workdir!r}')
-  mngr = ocp.CheckpointManager(os.path.abspath(root))
-  steps = mngr.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {root!r}')
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f'no checkpoint at step {step} in {root!r}; have {sorted(steps)}')
-  abstract_model = nnx.eval_shape(lambda: init_model(cfg))
-  graphdef, abstract = nnx.split(abstract_model)
-  shardings = shd.state_shardings(abstract, mesh)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
-  # The saved tree is nnx.split((model, optimizer)): the model's subtree is key 0.
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={0: target}, partial_restore=True)))
-  nnx.replace_by_pure_dict(abstract, restored['state'][0])
-  model = nnx.merge(graphdef, abstract)
-  mngr.close()
-  return cfg, model, step
-
-
 def _print(line: str) -> None:
   print(line, flush=True)   # progress must show promptly when piped to a file
 
@@ -386,41 +206,39 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def _step_maker(c):
+  schedule = make_schedule(c.train)
+  return schedule, lambda graphdef: make_train_step(
+      graphdef, c.train.grad_accum, schedule, c.train.prompt_loss_weight,
+      c.train.loss_positions)
+
+
 def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str, Any]:
   """--aot_only: compile the train step for this machine's devices (the configured mesh) or
   for a TPU topology (jaxlm.aot), report memory and FLOPs, write WORKDIR/aot.json."""
   from jaxlm import aot
   cfg = model_config(c)
   topo = aot.parse_topology(topology) if topology else None
+  devices = None
   if topo:
     devices = aot.topology_devices(topo)
     c = c.copy_and_resolve_references()
     if c.mesh.devices and c.mesh.devices != len(devices):
       log(f'[aot] mesh.devices={c.mesh.devices} ignored: {topo.name} has {len(devices)} devices')
     c.mesh.devices = 0
-    if topo.slices > 1 and c.mesh.data == 1:
-      c.mesh.data = topo.slices   # data parallel across slices: only gradients cross DCN
-      log(f'[aot] {topo.slices} slices: mesh.data set to {topo.slices}')
-  else:
-    if c.distributed:
-      initialize_distributed()
-    devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
-  shape = validate(c, cfg, len(devices))
-  if topo and topo.slices > 1 and shape[0] % topo.slices:
-    raise ConfigError(f'mesh.data={shape[0]} must be a multiple of the {topo.slices} slices of '
-                      f'{topo.name} (the data axis spans slices)')
+  elif c.distributed:
+    initialize_distributed()
+  mesh, shape = config_lib.run_mesh(c, cfg, devices)   # the trainer's mesh, slices included
+  if topo and topo.slices > 1:
+    log(f'[aot] {topo.slices} slices: the data axis ({shape[0]}) spans them')
   if topo and cfg.attention_impl == 'auto':   # what auto picks on a TPU for training batches
     impl = 'ring' if shape[shd.MESH_AXES.index('context')] > 1 else 'blockwise'
     log(f"[aot] attention 'auto' compiles as {impl!r} on a TPU topology")
     cfg = dataclasses.replace(cfg, attention_impl=impl)
-  mesh = aot.make_mesh(shape, devices, topo)
   load_run_tokenizer(c).check_model(cfg)
-  schedule = make_schedule(c.train)
-  report = aot.compile_report(
-      c, cfg, mesh,
-      lambda graphdef: make_train_step(graphdef, c.train.grad_accum, schedule,
-                                       c.train.prompt_loss_weight, c.train.loss_positions),
-      topology=topo, log=log)
+  schedule, step_maker = _step_maker(c)
+  report = aot.compile_report(c, cfg, mesh, step_maker, make_optimizer(c.train, schedule),
+                              topology=topo, log=log)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'aot.json'), 'w') as f:
@@ -428,31 +246,34 @@ def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str,
   return report
 
 
-def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = None,
-          log=_print) -> dict[str, Any]:
-  if topology and not aot_only:
-    raise ConfigError(f'--topology={topology} only applies with --aot_only (it compiles for '
-                      f'TPUs that are not here)')
-  if aot_only:
-    return compile_only(c, workdir, topology, log)
-  if c.distributed:
-    initialize_distributed()
+@dataclasses.dataclass
+class _Run:
+  """What a training run is built from: model config, mesh, tokenizer, jitted step, state."""
+  cfg: Any
+  mesh: Any
+  tokenizer: Any
+  graphdef: Any
+  state: Any
+  shardings: Any
+  batch_sharding: Any
+  step_fn: Any
+
+  @property
+  def model(self):
+    return nnx.merge(self.graphdef, self.state)[0]
+
+
+def _build(c, workdir: str) -> _Run:
+  """Mesh, tokenizer, initial model and optimizer placed in their shardings, the step."""
   cfg = model_config(c)
-  shape = validate(c, cfg, jax.device_count())
-  devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
-  mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
-  is_main = jax.process_index() == 0
-  if not is_main:
-    log = lambda line: None   # one console, written by process 0
+  mesh, shape = config_lib.run_mesh(c, cfg)
   tokenizer = load_run_tokenizer(c)
   tokenizer.check_model(cfg)
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
+  if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(c.to_json(indent=2))
-
-  schedule = make_schedule(c.train)
-  tx = make_optimizer(c.train, schedule)
+  schedule, step_maker = _step_maker(c)
   if c.init_from:   # streamed straight into the parameter shardings
     _, model = convert.load_checkpoint(c.init_from, mesh=mesh, **dataclass_fields(cfg))
   else:
@@ -460,105 +281,169 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
     if c.embed_init == 'compose':   # merged pieces start from their parts (embed_init.py)
       model.embed[...] = jnp.asarray(compose_embeddings(
           np.asarray(model.embed[...]), piece_splits(tokenizer)), model.embed[...].dtype)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_optimizer(c.train, schedule), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   shardings = shd.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
   seq_sharded = shape[shd.MESH_AXES.index('context')] > 1
   batch_sharding = NamedSharding(mesh, shd.batch_spec(seq_sharded))
-  step_fn = jax.jit(make_train_step(graphdef, c.train.grad_accum, schedule,
-                                    c.train.prompt_loss_weight, c.train.loss_positions),
-                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                    donate_argnums=0)
+  step_fn = jax.jit(step_maker(graphdef), in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, None), donate_argnums=0)
+  return _Run(cfg, mesh, tokenizer, graphdef, state, shardings, batch_sharding, step_fn)
 
+
+def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = None,
+          log=_print) -> dict[str, Any]:
+  """Train (or resume) the run `c` in `workdir`; returns a summary dict (step, loss, eval,
+  final state)."""
+  if topology and not aot_only:
+    raise ConfigError(f'--topology={topology} only applies with --aot_only (it compiles for '
+                      f'TPUs that are not here)')
+  if aot_only:
+    return compile_only(c, workdir, topology, log)
+  if c.distributed:
+    initialize_distributed()
+  if jax.process_index() != 0:
+    log = lambda line: None   # one console, written by process 0
+  run = _build(c, workdir)
   data_cfg = DataConfig.from_dict({**c.data.to_dict(), 'global_batch_size': c.train.batch_size})
-  dataset = make_dataset(data_cfg, tokenizer, process_index=jax.process_index(),
-                         process_count=jax.process_count())
-  data_iter = iter(dataset)
-  mngr = _checkpointer(workdir, c.train.keep_checkpoints)
-  start = _restore(mngr, state, shardings, data_iter, log) or 0
+  data_iter = iter(make_dataset(data_cfg, run.tokenizer, process_index=jax.process_index(),
+                                process_count=jax.process_count()))
+  mngr = ckpt.manager(workdir, c.train.keep_checkpoints)
+  start = ckpt.restore(mngr, run.state, run.shardings, data_iter, log) or 0
   if start:
     log(f'[train] resumed from step {start} in {workdir}')
-  writer = MetricWriter(workdir, is_main)
-  if c.eval.before and start == 0:
-    with jax.set_mesh(mesh):
-      _evaluate(c, nnx.merge(graphdef, state)[0], tokenizer, workdir, 0, writer, log,
-                before=True)
-  peak = flops.device_peak(c.train.peak_flops_per_device)
-  stop = {'signal': None}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal='SIGTERM'))
-  log(f'[train] {cfg.num_params() / 1e6:.1f}M params, mesh {dict(zip(shd.MESH_AXES, shape))}, '
-      f'{c.train.steps} steps of {c.train.batch_size} x {c.data.seq_len} tokens')
-
+  writer = MetricWriter(workdir, jax.process_index() == 0)
   result: dict[str, Any] = {'start_step': start}
-  tokens_per_step = c.train.batch_size * c.data.seq_len
-  t_last, step, pending = time.perf_counter(), start, None
   try:
-    with jax.set_mesh(mesh):
-      while step < c.train.steps:
-        local = next(data_iter)
-        _check_answer_tokens(local['loss_mask'], c.train.loss_positions, step + 1)
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-                 for k, v in local.items()}
-        state, metrics = step_fn(state, batch)
-        step += 1
-        # The loss is read one step late, so that the host builds the next batch while the
-        # device runs this step; a step is settled before it is logged, evaluated or saved,
-        # so a non-finite loss never reaches a checkpoint.
-        pending = _settle(pending, mngr, workdir)
-        pending = (step, metrics['objective'])   # = the answer loss unless prompt_loss_weight
-        if step % c.train.log_every == 0 or step == c.train.steps:
-          pending = _settle(pending, mngr, workdir)
-          now = time.perf_counter()
-          dt = (now - t_last) / (step - (result.get('last_logged') or start))
-          t_last, result['last_logged'] = now, step
-          m = {k: float(v) for k, v in metrics.items()}
-          m.update(step_time=dt, tokens_per_s=tokens_per_step / dt,
-                   mfu=flops.mfu(tokens_per_step / dt, cfg, c.data.seq_len,
-                                 mesh.size, peak, head_positions=c.train.loss_positions))
-          writer.write(step, m)
-          eta = (c.train.steps - step) * dt
-          log(f'[train] step {step}/{c.train.steps} loss {m["loss"]:.4f} '
-              f'acc {m["token_accuracy"]:.3f} lr {m["lr"]:.2e} gnorm {m["grad_norm"]:.2f} '
-              f'{m["tokens_per_s"]:,.0f} tok/s {dt:.2f}s/step'
-              + (f' MFU {100 * m["mfu"]:.1f}%' if m['mfu'] is not None else '')
-              + f' ETA {eta:.0f}s')
-          result['loss'] = m['loss']
-        if c.eval.every and step % c.eval.every == 0 and step < c.train.steps:
-          pending = _settle(pending, mngr, workdir)
-          _evaluate(c, nnx.merge(graphdef, state)[0], tokenizer, workdir, step, writer, log)
-          t_last, result['last_logged'] = time.perf_counter(), step   # keep eval out of step time
-        if c.debug.kill_at_step and step == c.debug.kill_at_step:
-          mngr.wait_until_finished()
-          os.kill(os.getpid(), signal.SIGKILL)
-        if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
-          os.kill(os.getpid(), signal.SIGTERM)
-        if step % c.train.checkpoint_every == 0 or step == c.train.steps or stop['signal']:
-          pending = _settle(pending, mngr, workdir)
-          _save(mngr, step, state, data_iter)
-        if stop['signal']:
-          log(f'[train] {stop["signal"]}: saved the checkpoint at step {step}; exiting')
-          result['stopped'] = stop['signal']
-          break
+    with jax.set_mesh(run.mesh):
+      if c.eval.before and start == 0:
+        _evaluate(c, run.model, run.tokenizer, workdir, 0, writer, log, before=True)
+      log(f'[train] {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, '
+          f'{c.train.steps} steps of {c.train.batch_size} x {c.data.seq_len} tokens')
+      _loop(c, run, data_iter, mngr, writer, workdir, start, result, log)
   finally:
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-    signal.signal(signal.SIGTERM, previous)
-
-  result['step'] = step
-  if step >= c.train.steps and not result.get('stopped'):
-    model = nnx.merge(graphdef, state)[0]
-    if c.eval.every is not None and c.eval.per_position:
-      result['eval'] = _evaluate(c, model, tokenizer, workdir, step, None, log, final=True)
-    if c.export_hf:
-      convert.save_hf(cfg, model, os.path.join(workdir, 'hf'))
-      if jax.process_index() == 0:
-        tokenizer.save_hf(os.path.join(workdir, 'hf'))
-      log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf')
-  result['state'] = state
-  result['graphdef'] = graphdef
+  if result['step'] >= c.train.steps and not result.get('stopped'):
+    _finish(c, run, workdir, result, log)
+  result['state'], result['graphdef'] = run.state, run.graphdef
   return result
+
+
+class _Clock:
+  """Step time, throughput, MFU and ETA over the steps since the last logged one."""
+
+  def __init__(self, c, run, start: int):
+    self.c, self.cfg, self.devices = c, run.cfg, run.mesh.size
+    self.peak = flops.device_peak(c.train.peak_flops_per_device)
+    self.tokens = c.train.batch_size * c.data.seq_len
+    self.reset(start)
+
+  def reset(self, step: int) -> None:   # after an evaluation: keep it out of the step time
+    self.time, self.step = time.perf_counter(), step
+
+  def line(self, step: int, metrics) -> tuple[dict[str, float], str]:
+    now = time.perf_counter()
+    dt = (now - self.time) / max(1, step - self.step)
+    self.reset(step)
+    t = self.c.train
+    m = {k: float(v) for k, v in metrics.items()}
+    m.update(step_time=dt, tokens_per_s=self.tokens / dt,
+             mfu=flops.mfu(self.tokens / dt, self.cfg, self.c.data.seq_len, self.devices,
+                           self.peak, head_positions=t.loss_positions))
+    line = (f'[train] step {step}/{t.steps} loss {m["loss"]:.4f} '
+            f'acc {m["token_accuracy"]:.3f} lr {m["lr"]:.2e} gnorm {m["grad_norm"]:.2f} '
+            f'{m["tokens_per_s"]:,.0f} tok/s {dt:.2f}s/step'
+            + (f' MFU {100 * m["mfu"]:.1f}%' if m['mfu'] is not None else '')
+            + f' ETA {(t.steps - step) * dt:.0f}s')
+    return m, line
+
+
+def _loop(c, run, data_iter, mngr, writer, workdir, start, result, log) -> None:
+  """Steps start+1 .. train.steps: log, evaluate, checkpoint; SIGTERM saves and stops.
+  The loss is read one step late, so that the host builds the next batch while the device
+  runs this step; a step is settled before it is logged, evaluated or saved, so a
+  non-finite loss never reaches a checkpoint."""
+  t, stop = c.train, {'signal': None}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal='SIGTERM'))
+  clock, step, pending = _Clock(c, run, start), start, None
+  zigzag = _zigzag_permutation(c, run)
+  try:
+    while step < t.steps:
+      run.state, metrics = run.step_fn(run.state, _next_batch(c, run, data_iter, step + 1,
+                                                              zigzag))
+      step += 1
+      pending = _settle(pending, mngr, workdir)
+      pending = (step, metrics['objective'])   # = the answer loss unless prompt_loss_weight
+      if step % t.log_every == 0 or step == t.steps:
+        pending = _settle(pending, mngr, workdir)
+        m, line = clock.line(step, metrics)
+        writer.write(step, m)
+        log(line)
+        result['loss'] = m['loss']
+      if c.eval.every and step % c.eval.every == 0 and step < t.steps:
+        pending = _settle(pending, mngr, workdir)
+        _evaluate(c, run.model, run.tokenizer, workdir, step, writer, log)
+        clock.reset(step)
+      _inject_faults(c, step, mngr)
+      if step % t.checkpoint_every == 0 or step == t.steps or stop['signal']:
+        pending = _settle(pending, mngr, workdir)
+        ckpt.save(mngr, step, run.state, data_iter)
+      if stop['signal']:
+        log(f'[train] {stop["signal"]}: saved the checkpoint at step {step}; exiting')
+        result['stopped'] = stop['signal']
+        break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    result['step'] = step
+
+
+def _next_batch(c, run, data_iter, step: int, zigzag) -> dict[str, jax.Array]:
+  """This process's rows of the next global batch, placed into the batch sharding."""
+  return {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
+          for k, v in _host_batch(c, data_iter, step, zigzag).items()}
+
+
+def _host_batch(c, data_iter, step: int, zigzag) -> dict[str, np.ndarray]:
+  local = {k: np.asarray(v) for k, v in next(data_iter).items()}
+  _check_answer_tokens(local['loss_mask'], c.train.loss_positions, step)
+  if zigzag is not None:   # ring attention's zigzag layout, permuted once on the host
+    local = {k: v[:, zigzag] for k, v in local.items()}
+  return local
+
+
+def _zigzag_permutation(c, run) -> np.ndarray | None:
+  """model.ring_layout='zigzag' with a context axis: the sequence order the ring kernel
+  reads (jaxlm.attention.ring.zigzag_indices); None: batches stay in natural order."""
+  n = run.mesh.shape['context']
+  if run.cfg.ring_layout != 'zigzag' or n == 1:
+    return None
+  from jaxlm.attention.ring import zigzag_indices
+  return zigzag_indices(c.data.seq_len, n)
+
+
+def _inject_faults(c, step: int, mngr) -> None:
+  """debug.kill_at_step / sigterm_at_step: crash or preemption for the resume tests."""
+  if c.debug.kill_at_step and step == c.debug.kill_at_step:
+    mngr.wait_until_finished()
+    os.kill(os.getpid(), signal.SIGKILL)
+  if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _finish(c, run, workdir: str, result, log) -> None:
+  """After the last step: the final evaluation and the Hugging Face export."""
+  model = run.model
+  if c.eval.every is not None and c.eval.per_position:
+    result['eval'] = _evaluate(c, model, run.tokenizer, workdir, result['step'], None, log,
+                               final=True)
+  if c.export_hf:
+    convert.save_hf(run.cfg, model, os.path.join(workdir, 'hf'))
+    if jax.process_index() == 0:
+      run.tokenizer.save_hf(os.path.join(workdir, 'hf'))
+    log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf')
 
 
 def _check_answer_tokens(loss_mask, k: int, step: int) -> None:
@@ -575,11 +460,6 @@ def _settle(pending, mngr, workdir: str) -> None:
     raise FloatingPointError(
         f'non-finite loss {loss} at step {pending[0]}; stopping. The last good checkpoint '
         f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints')
-
-
-def dataclass_fields(cfg: MistralConfig) -> dict[str, Any]:
-  """Config fields that a checkpoint does not hold (numerics, kernels)."""
-  return {k: getattr(cfg, k) for k in RUN_FIELDS}
 
 
 def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False, before=False):

@@ -113,14 +113,35 @@ def test_num_threads_0_generates_in_the_calling_thread(tok):
   assert threading.active_count() == before
 
 
-def test_hosts_get_disjoint_slices_of_the_same_examples(tok):
-  cfg = config(global_batch_size=4, num_epochs=1)
-  rows = lambda ds: [tuple(b['inputs'][r]) for b in ds for r in range(len(b['inputs']))]
-  single = rows(make_dataset(cfg, tok))
-  h0 = rows(make_dataset(cfg, tok, process_index=0, process_count=2))
-  h1 = rows(make_dataset(cfg, tok, process_index=1, process_count=2))
-  assert len(h0) == len(h1) == 20 and not set(h0) & set(h1)
-  assert set(h0) | set(h1) == set(single)
+@pytest.mark.parametrize('packing', [False, True])
+def test_global_batches_do_not_depend_on_the_process_count(tok, packing):
+  # Packing and skipped long examples included: each process takes its block of rows of
+  # the same global batch, and its iterator state resumes the stream under any count.
+  task = make_task('simple_kv', tok, **SMALL)
+  cut = sorted(len(to_features(task.example(3, i), tok, 'mistral')['inputs'])
+               for i in range(40))[30]
+  cfg = config(global_batch_size=4, num_epochs=4, packing=packing, on_long='skip',
+               seq_len=2 * cut if packing else cut)
+
+  def global_batches(count, steps=4, state=None):
+    its = [iter(make_dataset(cfg, tok, process_index=p, process_count=count))
+           for p in range(count)]
+    for it in its:
+      if state is not None:
+        it.set_state(state)
+    out = [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+           for parts in (tuple(next(it) for it in its) for _ in range(steps))]
+    return out, its[0].get_state()
+
+  one, state = global_batches(1)
+  for count in (2, 4):
+    many, many_state = global_batches(count)
+    assert_same(one, many)
+    assert many_state == state
+  if packing:
+    assert (one[0]['segment_ids'].max(axis=1) > 1).any()   # rows hold several examples
+  # resumed under another process count: the same next batches
+  assert_same(global_batches(1, 6)[0][4:], global_batches(2, 2, state)[0])
 
 
 def test_errors(tok):
@@ -193,3 +214,23 @@ def test_auto_chat_format_follows_the_checkpoint(tok):
   # 'auto' on the Mistral tokenizer (no chat template) is Mistral's format
   auto = next(iter(make_dataset(config(chat_format='auto'), tok)))
   np.testing.assert_array_equal(auto['inputs'], next(iter(make_dataset(config(), tok)))['inputs'])
+
+
+def test_each_prompt_is_tokenized_once_without_a_budget(tok):
+  class Counting:
+    def __init__(self, inner):
+      self.inner, self.prompts = inner, []
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+    def encode(self, text, **kw):
+      if 'Do a task' in text:   # a prompt (answers name dictionaries too)
+        self.prompts.append(text)
+      return self.inner.encode(text, **kw)
+
+  counting = Counting(tok)
+  cfg = config(task_fields={'num_dicts': 4, 'keys_per_dict': (2, 3)}, global_batch_size=2)
+  it = iter(make_dataset(cfg, counting))
+  take(it, 3)
+  assert len(counting.prompts) == 6 == len(set(counting.prompts))

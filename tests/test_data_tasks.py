@@ -82,7 +82,9 @@ def test_simple_kv_correct_by_construction(tok, fields):
                               + (' Answer in the following template:\nThe value of key '
                                  f'{ex.gold_key} is <fill-in-value> and it is in Dictionary '
                                  '[<fill-in-dictionary-name>].' if fields.get('answer_template') else ''))
-    assert ex.num_tokens == len(tok.encode(ex.prompt, bos=False))
+    # counted only under a token budget (the pipeline tokenizes the formatted prompt)
+    assert ex.num_tokens == (len(tok.encode(ex.prompt, bos=False))
+                             if fields.get('num_tokens') else None)
 
 
 def test_simple_kv_number_ranges_follow_the_paper(tok):

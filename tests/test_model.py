@@ -149,13 +149,13 @@ def test_logit_positions_equal_gathered_full_logits_and_grads(name):
 
   def loss(m, gathered):
     if gathered:
-      logits = m(tokens, logit_positions_BxK=where)
+      logits = m(tokens, logit_positions_BxP=where)
     else:
       logits = jnp.take_along_axis(m(tokens), where[..., None], axis=1)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
 
   full = jnp.take_along_axis(model(tokens), where[..., None], axis=1)
-  some = model(tokens, logit_positions_BxK=where)
+  some = model(tokens, logit_positions_BxP=where)
   assert some.shape == (2, 4, 512) and some.dtype == jnp.float32
   np.testing.assert_allclose(some, full, atol=1e-6, rtol=0)
   a = nnx.to_flat_state(nnx.grad(loss)(model, True))

@@ -11,6 +11,9 @@
 Every implementation computes the oracle's function (tested against it on random
 inputs, values and gradients). Masks come from positions and segment ids; Hugging
 Face's sliding_window=W counts the current token (keys with q_pos - W < kv_pos).
+
+Shape suffixes as in jaxlm/model.py: B batch, T query length, S key/value length, H query
+heads, K key/value heads, G = H / K query heads per key/value head, E head width.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ def resolve_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool
 
 
 def attend(
-    q_BxTxHxD: jax.Array,
-    k_BxSxKxD: jax.Array,
-    v_BxSxKxD: jax.Array,
+    q_BxTxHxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
     *,
     impl: str = 'dense',
     causal: bool = True,
@@ -73,7 +76,7 @@ def attend(
     block_kv: int = DEFAULT_BLOCK,
     ring_layout: str = 'natural',
 ) -> jax.Array:
-  """Multi-head attention with grouped-query heads: [B,T,H,D] x [B,S,K,D] -> [B,T,H,D].
+  """Multi-head attention with grouped-query heads: [B,T,H,E] x [B,S,K,E] -> [B,T,H,E].
 
   segment_ids [B, T]: self-attention shorthand for q_ and kv_segment_ids; tokens attend
   only within their own segment (packing, padding, empty cache slots). Positions
@@ -83,8 +86,8 @@ def attend(
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'attention impl={impl!r} is not available; choose one of {IMPLEMENTATIONS}')
-  B, T, H, _ = q_BxTxHxD.shape
-  S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  B, T, H, _ = q_BxTxHxE.shape
+  S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
   if H % K:
     raise ValueError(f'query heads ({H}) must be a multiple of key/value heads ({K})')
   if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
@@ -100,13 +103,13 @@ def attend(
                       segments=segments)
 
   if impl == 'cudnn':
-    return attend_cudnn(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
+    return attend_cudnn(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, causal=causal,
                         sliding_window=sliding_window, scale=scale,
                         custom_mask=custom_positions or segments)
   if impl == 'splash':
     if q_segment_ids_BxT is not None and kv_segment_ids_BxS is not q_segment_ids_BxT:
       raise ValueError("attention impl='splash' takes self-attention segment_ids only")
-    return attend_splash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxT=q_segment_ids_BxT,
+    return attend_splash(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT=q_segment_ids_BxT,
                          causal=causal, sliding_window=sliding_window, scale=scale,
                          custom_positions=custom_positions, block_q=block_q,
                          block_kv=block_kv)
@@ -123,9 +126,9 @@ def attend(
                q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS,
                causal=causal, sliding_window=sliding_window, scale=scale)
   if impl == 'dense':
-    return attend_dense(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, **masks)
+    return attend_dense(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, **masks)
   if impl == 'blockwise':
-    return attend_blockwise(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, block_q=block_q,
+    return attend_blockwise(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, block_q=block_q,
                             block_kv=block_kv, **masks)
-  return ring_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mesh=_context_mesh(mesh) or mesh,
+  return ring_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mesh=_context_mesh(mesh) or mesh,
                         layout=ring_layout, block_q=block_q, block_kv=block_kv, **masks)

@@ -59,16 +59,16 @@ class _Problem:
 
   def __init__(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale,
                block_q, block_kv):
-    B, T, H, D = q.shape
+    B, T, H, E = q.shape
     S, K = k.shape[1], k.shape[2]
-    self.T, self.S, self.H, self.K, self.G, self.D = T, S, H, K, H // K, D
+    self.T, self.S, self.H, self.K, self.G, self.E = T, S, H, K, H // K, E
     self.causal, self.window = causal, window
-    self.scale = D ** -0.5 if scale is None else scale
+    self.scale = E ** -0.5 if scale is None else scale
     self.bq, self.bk = min(block_q, _ceil_to(T, 8)), min(block_kv, _ceil_to(S, 8))
     self.nq, self.nk = -(-T // self.bq), -(-S // self.bk)
-    q = q.reshape(B, T, K, self.G, D)
-    self.q = _blocks(q, self.nq, self.bq)                      # [nq, B, bq, K, G, D]
-    self.k = _blocks(k, self.nk, self.bk)                      # [nk, B, bk, K, D]
+    q = q.reshape(B, T, K, self.G, E)
+    self.q = _blocks(q, self.nq, self.bq)                      # [nq, B, bq, K, G, E]
+    self.k = _blocks(k, self.nk, self.bk)                      # [nk, B, bk, K, E]
     self.v = _blocks(v, self.nk, self.bk)
     # Padding: positions repeat the edge (ranges stay tight), segment ids never match.
     self.q_pos = _blocks(q_pos, self.nq, self.bq, 'edge')      # [nq, B, bq]
@@ -99,7 +99,7 @@ class _Problem:
 
 
 def _forward(p: _Problem):
-  """Output blocks [nq, B, bq, K, G, D] (q dtype) and lse blocks [nq, B, K, G, bq] (f32)."""
+  """Output blocks [nq, B, bq, K, G, E] (q dtype) and lse blocks [nq, B, K, G, bq] (f32)."""
   B = p.q.shape[1]
 
   def q_block(i):
@@ -117,7 +117,7 @@ def _forward(p: _Problem):
 
     shape = (B, p.K, p.G, p.bq)
     init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (p.D,), jnp.float32))
+            jnp.zeros(shape + (p.E,), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, p.nk, kv_step, init)
     safe_l = jnp.where(l > 0, l, 1.0)
     out = jnp.where((l > 0)[..., None], acc / safe_l[..., None], 0.0)
@@ -129,7 +129,7 @@ def _forward(p: _Problem):
 
 def _backward(p: _Problem, lse, delta, dout):
   """Gradients from saved lse [nq,B,K,G,bq], delta = rowsum(dout*out) (same shape) and
-  dout blocks [nq, B, bq, K, G, D]. Returns blocked (dq, dk, dv) in f32."""
+  dout blocks [nq, B, bq, K, G, E]. Returns blocked (dq, dk, dv) in f32."""
 
   def kv_block(dq, j):
     def q_step(i, carry):
@@ -156,12 +156,12 @@ def _backward(p: _Problem, lse, delta, dout):
 
 def blockwise_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, sliding_window, scale,
                       block_q=DEFAULT_BLOCK, block_kv=DEFAULT_BLOCK):
-  """(out [B, T, H, D] in q's dtype, lse [B, T, H] f32) without autodiff support."""
+  """(out [B, T, H, E] in q's dtype, lse [B, T, H] f32) without autodiff support."""
   p = _Problem(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, sliding_window, scale,
                block_q, block_kv)
   out, lse = _forward(p)
   B = q.shape[0]
-  out = _unblock(out, p.T).reshape(B, p.T, p.H, p.D)
+  out = _unblock(out, p.T).reshape(B, p.T, p.H, p.E)
   lse = _unblock(jnp.einsum('nbkgq->nbqkg', lse), p.T).reshape(B, p.T, p.H)
   return out, lse
 
@@ -180,9 +180,9 @@ def blockwise_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, delta, dout, 
       x.reshape(B, p.T, p.K, p.G), p.nq, p.bq, pad))
   lse_b = to_blocks(lse, NEG_INF)
   delta_b = to_blocks(delta, 0.0)
-  dout_b = _blocks(dout.reshape(B, p.T, p.K, p.G, p.D), p.nq, p.bq)
+  dout_b = _blocks(dout.reshape(B, p.T, p.K, p.G, p.E), p.nq, p.bq)
   dq, dk, dv = _backward(p, lse_b, delta_b, dout_b)
-  return (_unblock(dq, p.T).reshape(B, p.T, p.H, p.D), _unblock(dk, p.S), _unblock(dv, p.S))
+  return (_unblock(dq, p.T).reshape(B, p.T, p.H, p.E), _unblock(dk, p.S), _unblock(dv, p.S))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -212,13 +212,13 @@ def _attention_bwd(causal, window, scale, block_q, block_kv, residuals, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attend_blockwise(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, q_positions_BxT, kv_positions_BxS,
+def attend_blockwise(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, *, q_positions_BxT, kv_positions_BxS,
                      q_segment_ids_BxT, kv_segment_ids_BxS, causal=True, sliding_window=None,
                      scale=None, block_q: int = DEFAULT_BLOCK, block_kv: int = DEFAULT_BLOCK):
   """Exact attention in O(T * block) memory; same contract as `dense.attend_dense`."""
   if block_q <= 0 or block_kv <= 0 or block_q % 8 or block_kv % 8:
     raise ValueError(f'block sizes must be positive multiples of 8, got block_q={block_q}, '
                      f'block_kv={block_kv}')
-  return _attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_positions_BxT, kv_positions_BxS,
+  return _attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_positions_BxT, kv_positions_BxS,
                     q_segment_ids_BxT, kv_segment_ids_BxS, causal, sliding_window, scale,
                     block_q, block_kv)

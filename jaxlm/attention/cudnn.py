@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 
 
-def attend_cudnn(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, causal=True, sliding_window=None,
+def attend_cudnn(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, *, causal=True, sliding_window=None,
                  scale=None, custom_mask: bool = False):
   platforms = {d.platform for d in jax.devices()}
   if 'gpu' not in platforms:
@@ -24,5 +24,5 @@ def attend_cudnn(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, causal=True, sliding_window
   if window is not None and not causal:
     raise ValueError("attention impl='cudnn' supports a sliding window only with causal=True")
   return jax.nn.dot_product_attention(
-      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=causal,
+      q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, scale=scale, is_causal=causal,
       local_window_size=window, implementation='cudnn')

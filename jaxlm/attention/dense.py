@@ -38,9 +38,9 @@ def make_mask(
 
 
 def attend_dense(
-    q_BxTxHxD: jax.Array,
-    k_BxSxKxD: jax.Array,
-    v_BxSxKxD: jax.Array,
+    q_BxTxHxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
     *,
     q_positions_BxT: jax.Array,
     kv_positions_BxS: jax.Array,
@@ -53,11 +53,11 @@ def attend_dense(
   """Exact softmax attention with grouped-query heads (H a multiple of K).
 
   Materializes the [B, H, T, S] score matrix; use it as the reference and for short
-  sequences. Returns [B, T, H, D] in the dtype of q.
+  sequences. Returns [B, T, H, E] in the dtype of q.
   """
   mask_BxTxS = make_mask(
       q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT, kv_segment_ids_BxS,
       causal=causal, sliding_window=sliding_window)
   return jax.nn.dot_product_attention(
-      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
+      q_BxTxHxE, k_BxSxKxE, v_BxSxKxE,
       mask=mask_BxTxS[:, None, :, :], scale=scale, implementation='xla')

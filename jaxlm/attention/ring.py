@@ -112,7 +112,7 @@ def _make_ring(axis: str, n: int, causal, window, scale, block_q, block_kv):
             block_kv=block_kv)
 
   def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    B, T, H, D = q.shape
+    B, T, H, E = q.shape
 
     def step(carry, kv):
       out, lse = carry
@@ -126,7 +126,7 @@ def _make_ring(axis: str, n: int, causal, window, scale, block_q, block_kv):
              o_s.astype(jnp.float32) * jnp.exp(lse_s - new)[..., None])
       return out, new
 
-    carry = (jnp.zeros((B, T, H, D), jnp.float32), jnp.full((B, T, H), NEG_INF, jnp.float32))
+    carry = (jnp.zeros((B, T, H, E), jnp.float32), jnp.full((B, T, H), NEG_INF, jnp.float32))
     kv = (k, v, kv_pos, kv_seg)
     carry = step(carry, kv)
 
@@ -179,7 +179,7 @@ def _make_ring(axis: str, n: int, causal, window, scale, block_q, block_kv):
   return ring
 
 
-def ring_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, q_positions_BxT, kv_positions_BxS,
+def ring_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, *, q_positions_BxT, kv_positions_BxS,
                    q_segment_ids_BxT, kv_segment_ids_BxS, causal=True, sliding_window=None,
                    scale=None, mesh=None, axis: str = 'context', layout: str = 'natural',
                    block_q: int = DEFAULT_BLOCK, block_kv: int = DEFAULT_BLOCK):
@@ -197,14 +197,14 @@ def ring_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, q_positions_BxT, kv_posit
   if layout not in ('natural', 'zigzag'):
     raise ValueError(f"ring layout={layout!r} must be 'natural' or 'zigzag'")
   n = mesh.shape[axis]
-  B, T = q_BxTxHxD.shape[:2]
-  if k_BxTxKxD.shape[1] != T:
+  B, T = q_BxTxHxE.shape[:2]
+  if k_BxTxKxE.shape[1] != T:
     raise ValueError(f'ring attention is self-attention: {T} queries but '
-                     f'{k_BxTxKxD.shape[1]} keys')
+                     f'{k_BxTxKxE.shape[1]} keys')
   if T % (2 * n):
     raise ValueError(f'mesh context={n} but seq_len={T} is not divisible by 2*{n} '
                      f'(the zigzag layout cuts the sequence into 2*context chunks)')
-  K = k_BxTxKxD.shape[2]
+  K = k_BxTxKxE.shape[2]
   head_axis = 'tensor' if 'tensor' in mesh.axis_names and mesh.shape['tensor'] > 1 and \
       K % mesh.shape['tensor'] == 0 and axis != 'tensor' else None
   batch_axes, size = [], 1
@@ -214,7 +214,7 @@ def ring_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, q_positions_BxT, kv_posit
       size *= mesh.shape[name]
   spec_x = P(tuple(batch_axes) or None, axis, head_axis)
   spec_pos = P(tuple(batch_axes) or None, axis)
-  args = (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, q_positions_BxT, kv_positions_BxS,
+  args = (q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, q_positions_BxT, kv_positions_BxS,
           q_segment_ids_BxT, kv_segment_ids_BxS)
   ring = _make_ring(axis, n, causal, sliding_window, scale, block_q, block_kv)
   if layout == 'natural' and n > 1:

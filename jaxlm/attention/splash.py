@@ -33,7 +33,7 @@ def _kernel(T: int, S: int, G: int, causal: bool, window, block_q: int, block_kv
                                           block_sizes=sizes, interpret=interpret)
 
 
-def attend_splash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, segment_ids_BxT=None, causal=True,
+def attend_splash(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, *, segment_ids_BxT=None, causal=True,
                   sliding_window=None, scale=None, custom_positions: bool = False,
                   block_q: int = 512, block_kv: int = 512, interpret: bool = False):
   if not interpret and 'tpu' not in {d.platform for d in jax.devices()}:
@@ -44,20 +44,20 @@ def attend_splash(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, segment_ids_BxT=None, caus
     raise ValueError("attention impl='splash' needs natural positions (0..T-1); permuted or "
                      "offset positions need impl='blockwise'")
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
-  B, T, H, D = q_BxTxHxD.shape
-  S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  B, T, H, E = q_BxTxHxE.shape
+  S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
   G = H // K
   kernel = _kernel(T, S, G, causal, sliding_window, block_q, block_kv, interpret)
-  scale = D ** -0.5 if scale is None else scale
-  q = jnp.einsum('btkgd->bkgtd', (q_BxTxHxD * scale).reshape(B, T, K, G, D))
-  k = jnp.einsum('bskd->bksd', k_BxSxKxD)
-  v = jnp.einsum('bskd->bksd', v_BxSxKxD)
+  scale = E ** -0.5 if scale is None else scale
+  q = jnp.einsum('btkgd->bkgtd', (q_BxTxHxE * scale).reshape(B, T, K, G, E))
+  k = jnp.einsum('bskd->bksd', k_BxSxKxE)
+  v = jnp.einsum('bskd->bksd', v_BxSxKxE)
   seg = (jnp.zeros((B, T), jnp.int32) if segment_ids_BxT is None
          else segment_ids_BxT.astype(jnp.int32))
 
-  def one(q_GxTxD, k_SxD, v_SxD, seg_T):
-    return kernel(q_GxTxD, k_SxD, v_SxD, segment_ids=sa.SegmentIds(q=seg_T, kv=seg_T))
+  def one(q_GxTxE, k_SxE, v_SxE, seg_T):
+    return kernel(q_GxTxE, k_SxE, v_SxE, segment_ids=sa.SegmentIds(q=seg_T, kv=seg_T))
 
   per_head = jax.vmap(one, in_axes=(0, 0, 0, None))             # over key/value heads
   out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(q, k, v, seg)  # over the batch
-  return jnp.einsum('bkgtd->btkgd', out).reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+  return jnp.einsum('bkgtd->btkgd', out).reshape(B, T, H, E).astype(q_BxTxHxE.dtype)

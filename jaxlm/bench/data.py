@@ -90,7 +90,7 @@ def run(args):
 
 
 def run_config(args):
-  from jaxlm.train import load_config_file
+  from jaxlm.config import load_config_file
   c = load_config_file(args.config)
   tok = Tokenizer(c.tokenizer)
   print(f'{args.config}: batch {c.train.batch_size} x {c.data.seq_len} tokens, '

@@ -13,7 +13,7 @@ faster). A torch.compile that fails prints its error in its row instead of stopp
 
 Answer-only loss (`--answer_tokens K`, as the paper's fine-tuning): the loss is the mean
 cross-entropy over the last K target positions of each row. jaxlm computes the final norm
-and the output projection only there (`logit_positions_BxK`). PyTorch gets two rows per mode:
+and the output projection only there (`logit_positions_BxP`). PyTorch gets two rows per mode:
 full logits with labels -100 outside the answer (what HF Trainer does by default), and the
 head applied only to the answer positions (hidden states of `model.model(...)` sliced before
 `model.lm_head`), the like-for-like comparison.
@@ -83,7 +83,7 @@ def loss_fn(model, tokens_Bx1T: jax.Array, answer_tokens: int = 0) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   B, T = inputs.shape
   idx = jnp.asarray(answer_positions(B, T, answer_tokens))
-  logits_BxKxV = model(inputs, logit_positions_BxK=idx)
+  logits_BxKxV = model(inputs, logit_positions_BxP=idx)
   answer_targets = jnp.take_along_axis(targets, idx, axis=1)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxKxV, answer_targets).mean()
 

@@ -27,7 +27,8 @@ class Example:
   prompt (a dictionary; for `niah`, the filler passage the needle follows), num_dicts
   the number of such units, position the gold unit's relative depth in [0, 1].
   num_tokens counts the prompt's tokens (no bos, no chat formatting) under the
-  task's tokenizer, or is None without one.
+  task's tokenizer when the task has a token budget (`num_tokens`), and is None
+  otherwise: a prompt is then tokenized once, by whoever reads it.
   """
   task: str
   prompt: str

@@ -14,6 +14,7 @@ reaches every other task field (see jaxlm/data/kv.py and niah.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -109,7 +110,10 @@ def export(task_name: str, fields: dict[str, Any], *, num: int, fmt: str, out: s
   t0, every = time.perf_counter(), max(1, num // 20)
   with open(tmp, 'w') as f:
     for i in range(num):
-      f.write(json.dumps(to_record(task.example(seed, start + i), fmt)) + '\n')
+      ex = task.example(seed, start + i)
+      if ex.num_tokens is None and tokenizer is not None:   # counted by tasks under a budget only
+        ex = dataclasses.replace(ex, num_tokens=len(tokenizer.encode(ex.prompt, bos=False)))
+      f.write(json.dumps(to_record(ex, fmt)) + '\n')
       if (i + 1) % every == 0 or i + 1 == num:
         dt = time.perf_counter() - t0
         rate = (i + 1) / dt

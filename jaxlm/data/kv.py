@@ -227,7 +227,9 @@ class _DictTask:
       ordered = bodies[:g - 1] + [gold_line] + bodies[g - 1:n - 1]
       lines = [f'Dictionary [{i + 1}] {{{b}}}' for i, b in enumerate(ordered)]
       prompt = self._prompt_text(lines, question)
-      num_tokens = self._count(prompt) if self.tokenizer is not None else None
+      # counted only under a token budget: the pipeline tokenizes the (chat-formatted)
+      # prompt itself, so a budget-free prompt is tokenized once
+      num_tokens = self._count(prompt) if c.num_tokens is not None else None
       if num_dicts is not None or num_tokens <= c.num_tokens or n == 1:
         break
       n -= 1            # the per-line estimate was short: drop a distractor and recount

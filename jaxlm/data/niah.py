@@ -127,7 +127,7 @@ class NIAH:
     while True:
       units = filler[:g - 1] + [needle] + filler[g - 1:n - 1]
       prompt = self._prompt(units, question)
-      num_tokens = self._count(prompt) if self.tokenizer is not None else None
+      num_tokens = self._count(prompt) if c.num_tokens is not None else None   # (kv.py)
       if c.num_tokens is None or num_tokens <= c.num_tokens or n == 1:
         break
       n -= 1

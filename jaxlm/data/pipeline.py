@@ -3,12 +3,12 @@ padded sequences -> batches.
 
     MapDataset.range(N)            example indices (N=None: an endless stream)
       .shuffle(seed).repeat(E)     epochs, reshuffled each epoch
-      [host::num_hosts]            per-host slice (multi-host runs)
       .map(task.example)           pure function of (config, seed, index)
       .map(to_features)            prompt+answer tokens, loss mask on the answer only
       .to_iter_dataset(threads)    optional thread or process workers
       pack (first fit) | pad       segment ids and positions per example
-      .batch(per_host_batch)
+      .batch(global_batch)         the same global batches on every process
+      [rows of this process]       multi-process runs: a contiguous block of rows
 
 Every batch is a dict of [B, T] int32 arrays: `inputs`, `targets`, `loss_mask` (1 on
 answer tokens, including the chat format's end-of-turn token: eos for Mistral, <|im_end|>
@@ -154,9 +154,26 @@ class _RenamePacked(grain.transforms.Map):
     return out
 
 
+class _HostRows(grain.transforms.Map):
+  """A global batch -> the rows of one process (a contiguous block)."""
+
+  def __init__(self, process_index, process_count):
+    self.index, self.count = process_index, process_count
+
+  def map(self, batch):
+    rows = len(next(iter(batch.values()))) // self.count
+    return {k: v[self.index * rows:(self.index + 1) * rows] for k, v in batch.items()}
+
+
 def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
-  """The batched training dataset for one host (process)."""
+  """The batched training dataset of one process: its rows of each global batch.
+
+  Every process runs the same pipeline up to the global batch (examples are generated,
+  filtered, packed and batched globally) and keeps its own contiguous block of rows, so
+  the data stream is a function of the config and the step, not of the process count: one,
+  two or four processes see the same global batches, and the iterator's state is the same
+  on every process (a checkpoint resumes under another process count)."""
   c = config
   task = make_task(c.task, tokenizer, **dict(c.task_fields))
   if c.global_batch_size % process_count:
@@ -165,14 +182,11 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
   if c.on_long not in ('error', 'skip'):
     raise TaskConfigError(f"on_long={c.on_long!r} must be 'error' or 'skip'")
   fmt = resolve_chat_format(c.chat_format, tokenizer)  # 'auto' -> the checkpoint's format
-  if c.num_examples is not None and c.num_examples < process_count:
-    raise TaskConfigError(f'num_examples={c.num_examples} < process_count={process_count}')
   ds = grain.MapDataset.range(c.num_examples if c.num_examples is not None else sys.maxsize)
   if c.num_examples is not None:
     if c.shuffle:
       ds = ds.shuffle(seed=c.seed)
     ds = ds.repeat(c.num_epochs)
-  ds = ds[process_index::process_count]
   ds = ds.map(_Generate(task, c.seed)).map(_Featurize(tokenizer, fmt))
   ds = ds.filter(_CheckLength(c.seq_len, c.on_long))
   # Always explicit: `None` would mean Grain's default of 16 threads and a 500-element buffer.
@@ -187,4 +201,5 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
     it = it.map(_RenamePacked())
   else:
     it = it.map(_Pad(c.seq_len, tokenizer.pad_id))
-  return it.batch(c.global_batch_size // process_count, drop_remainder=True)
+  it = it.batch(c.global_batch_size, drop_remainder=True)
+  return it.map(_HostRows(process_index, process_count)) if process_count > 1 else it

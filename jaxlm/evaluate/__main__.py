@@ -97,7 +97,7 @@ def load_model(mesh_spec: str):
     chat = _CHAT.value or 'auto'
     source = {'hf': _HF.value if _HF.value.startswith('embedded:') else os.path.abspath(path)}
   elif _CHECKPOINT.value:
-    from jaxlm import train
+    from jaxlm import checkpoint, config as config_lib
     c = _CONFIG.value
     if c is None:
       path = os.path.join(_CHECKPOINT.value, 'config.json')
@@ -106,11 +106,8 @@ def load_model(mesh_spec: str):
       import ml_collections
       with open(path) as f:
         c = ml_collections.ConfigDict(json.load(f))
-    cfg = train.model_config(c)
-    shape = train.validate(c, cfg, jax.device_count())
-    devices = jax.devices()[:c.mesh.devices] if c.mesh.devices else jax.devices()
-    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices)
-    cfg, model, step = train.restore_model(c, _CHECKPOINT.value, mesh, _STEP.value)
+    mesh, _ = config_lib.run_mesh(c, config_lib.model_config(c))
+    cfg, model, step = checkpoint.restore_model(c, _CHECKPOINT.value, mesh, _STEP.value)
     tok_path = _TOKENIZER.value or c.tokenizer or c.init_from
     chat = _CHAT.value or c.data.chat_format
     source = {'checkpoint': os.path.abspath(_CHECKPOINT.value), 'step': step}
