@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ''                  # a Hugging Face checkpoint directory; '' = from scratch
   c.tokenizer = 'data/tokenizers/mistral-v1.model'
-  c.embed_init = 'random'           # from scratch: 'compose' starts merged pieces from their parts
+  c.init_hook = ''                  # from scratch: 'module:function' called as
+                                    # function(model, tokenizer, config) after initialization
   c.export_hf = True                # write WORKDIR/hf at the end
   c.distributed = False             # jax.distributed.initialize() (multi-host launches)
 
@@ -54,7 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.95
   c.train.eps = 1e-8
   c.train.clip_norm = 1.0
-  c.train.prompt_loss_weight = 0.0   # >0: auxiliary LM loss on prompt tokens (from-scratch runs)
   c.train.loss_positions = 0        # K>0: logits only at each row's first K answer tokens
   c.train.log_every = 10
   c.train.checkpoint_every = 100
@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                  # 0: only at the end
+  c.eval.task = ''                  # '': the training task (with its fields that it has)
   c.eval.before = False             # also evaluate the initial model (before fine-tuning)
   c.eval.per_position = 20
   c.eval.positions = (0.0, 0.25, 0.5, 0.75, 1.0)   # a tuple: --config.eval.positions=(1,5) overrides it

@@ -6,7 +6,7 @@
 The paper's task in miniature: 4 dictionaries of 2 pairs, 1-digit keys (each used once) and
 values, the answer template. Designed for data efficiency on 2 CPU cores (BENCHMARKS.md, "The
 CPU demo", has the runs behind each choice):
-- an 895-piece tokenizer (data/tokenizers/kv-tiny-pairs.model, jaxlm/data/tiny_tokenizer.py)
+- an 895-piece tokenizer (data/tokenizers/kv-tiny-pairs.model, jaxlm/demo/tokenizers.py)
   in which every fixed sentence of the task, each header `Dictionary [D] {`, each pair of
   1-digit numbers with its separator (`3: 7, `), each `K is ` and each
   `V and it is in Dictionary [` is one piece: the value is then one attention hop from the
@@ -36,7 +36,8 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.tokenizer = 'data/tokenizers/kv-tiny-pairs.model'
-  c.embed_init = 'compose'          # a merged piece starts as the sum of its parts
+  c.init_hook = 'jaxlm.demo.embed_init:init_hook'
+  c.embed_init = 'compose'          # (the hook's field) a merged piece starts as the sum of its parts
   c.model.preset = 'tiny'
   c.model.vocab_size = 896
   c.model.hidden_size = 64
@@ -48,6 +49,7 @@ def get_config():
   c.model.initializer_range = 0.125   # with compose: parts that add up stay distinguishable
   c.model.sliding_window = None
   c.model.attention_impl = 'dense'
+  c.data.task = 'demo_kv'           # simple_kv + extra turns (jaxlm/demo/kv.py)
   c.data.task_fields.num_dicts = (4, 4)   # always 4 of 2 pairs: no size hint to the index
   c.data.task_fields.curriculum_examples = 0
   c.data.task_fields.extra_queries = 8
@@ -78,6 +80,7 @@ def get_config():
   c.eval.every = 450
   c.eval.per_position = 25
   c.eval.positions = (1, 2, 3, 4)
+  c.eval.task = 'simple_kv'               # held out: the first turn only
   c.eval.task_fields.num_dicts = 4        # evaluate on the hardest size
   c.eval.max_new_tokens = 24
   c.eval.batch_size = 50

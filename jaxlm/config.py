@@ -13,6 +13,7 @@ its value.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from typing import Any
@@ -42,21 +43,24 @@ def load_config_file(path: str):
   return module.get_config()
 
 
-def check_init(c) -> None:
-  """How the parameters start: checked before any checkpoint is read."""
-  if c.embed_init not in ('random', 'compose'):
-    raise ConfigError(f"embed_init={c.embed_init!r} must be 'random' or 'compose'")
-  if c.embed_init == 'compose' and c.init_from:
-    raise ConfigError(f"embed_init='compose' initializes a model trained from scratch, but "
-                      f"init_from={c.init_from!r} loads trained embeddings; drop one "
-                      f"(--config.embed_init=random keeps init_from)")
+def init_hook(c):
+  """The function config.init_hook names ('module:function', called as
+  function(model, tokenizer, config) on a model initialized from scratch), or None."""
+  spec = c.get('init_hook', '')
+  if not spec:
+    return None
+  module, _, name = spec.partition(':')
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ConfigError(f"init_hook={spec!r} must name a function as 'module:function' "
+                      f'({type(e).__name__}: {e})') from None
 
 
 def model_config(c) -> MistralConfig:
   """The model a run trains: the preset with config.model's fields, or, with init_from,
   the checkpoint's architecture with config.model's numerics (RUN_FIELDS). An
   architecture field of config.model that contradicts the checkpoint is an error."""
-  check_init(c)
   fields = {k: v for k, v in c.model.items() if k != 'preset'}
   if not c.init_from:
     try:
@@ -135,11 +139,9 @@ def validate(c, cfg: MistralConfig, num_devices: int, num_slices: int = 1
                         f'is not divisible by 2*{sizes["context"]}')
   if t.schedule not in ('cosine', 'linear', 'constant'):
     raise ConfigError(f"train.schedule={t.schedule!r} must be 'cosine', 'linear' or 'constant'")
-  check_init(c)
-  if t.loss_positions < 0 or (t.loss_positions and t.prompt_loss_weight):
-    raise ConfigError(f'train.loss_positions={t.loss_positions} must be >= 0 and 0 when '
-                      f'train.prompt_loss_weight={t.prompt_loss_weight} (the prompt loss needs '
-                      f'logits at every position)')
+  init_hook(c)
+  if t.loss_positions < 0:
+    raise ConfigError(f'train.loss_positions={t.loss_positions} must be >= 0')
   if t.steps <= 0 or t.warmup_steps < 0:
     raise ConfigError(f'train.steps={t.steps} must be positive, train.warmup_steps='
                       f'{t.warmup_steps} non-negative')

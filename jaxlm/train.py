@@ -12,6 +12,9 @@ the previous one used). SIGTERM saves a checkpoint and exits cleanly. The step i
 rules of `jaxlm.sharding`, the state donated, and gradient accumulation inside the step
 (the loss is summed over micro-batches and divided by the answer-token count once, so
 accumulation does not change the result).
+
+Config files and their checks live in jaxlm.config, checkpoints in jaxlm.checkpoint, the
+mesh in jaxlm.sharding, the will-it-fit compile in jaxlm.aot; this module is the loop.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from jaxlm import config as config_lib
 from jaxlm import convert, flops
 from jaxlm import sharding as shd
 from jaxlm.data.pipeline import DataConfig, make_dataset
-from jaxlm.embed_init import compose_embeddings, piece_splits
 from jaxlm.model import init_model
 # Moved to jaxlm.config and jaxlm.checkpoint; kept here for scripts that import them from
 # the trainer.
@@ -94,15 +96,12 @@ def answer_positions(loss_mask_BxT: jax.Array, k: int) -> jax.Array:
   return order[:, :k].astype(jnp.int32)
 
 
-def loss_sums(model, batch, prompt_weight: float = 0.0, loss_positions: int = 0):
-  """(objective, (answer-token count, correct answer tokens, answer-token CE sum)).
-
-  The objective is the sum of answer-token cross-entropies (the paper's loss) plus
-  `prompt_weight` times that of the other real tokens (an auxiliary language-modelling
-  loss that helps a model trained from scratch learn the prompt's structure; 0 for
-  fine-tuning). Padding (segment id 0) never counts. loss_positions=K > 0 computes the
-  output projection only at the first K answer positions of each row (the trainer checks
-  that no row has more), which is the same loss for a fraction of the head's cost."""
+def loss_sums(model, batch, loss_positions: int = 0):
+  """(sum of answer-token cross-entropies, (answer-token count, correct answer tokens)):
+  the paper's loss, on the tokens whose loss_mask is 1 (padding never is).
+  loss_positions=K > 0 computes the output projection only at the first K answer positions
+  of each row (the trainer checks that no row has more), which is the same loss for a
+  fraction of the head's cost."""
   targets, mask = batch['targets'], batch['loss_mask']
   kwargs = {}
   if loss_positions:
@@ -114,40 +113,34 @@ def loss_sums(model, batch, prompt_weight: float = 0.0, loss_positions: int = 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   mask = mask.astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * mask
-  answer = jnp.sum(ce * mask)
-  objective = answer
-  if prompt_weight:
-    prompt = (batch['segment_ids'] > 0).astype(jnp.float32) * (1.0 - mask)
-    objective = answer + prompt_weight * jnp.sum(ce * prompt)
-  return objective, (jnp.sum(mask), jnp.sum(correct), answer)
+  return jnp.sum(ce * mask), (jnp.sum(mask), jnp.sum(correct))
 
 
-def make_train_step(graphdef, grad_accum: int, schedule, prompt_loss_weight: float = 0.0,
-                    loss_positions: int = 0):
+def make_train_step(graphdef, grad_accum: int, schedule, loss_positions: int = 0):
+  """step(state, batch) -> (state, metrics): the gradient of the answer loss summed over
+  grad_accum micro-batches and divided by the answer-token count once (accumulation does
+  not change the result), then the optimizer's update."""
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     grad_fn = jax.value_and_grad(
         lambda params, mb: loss_sums(nnx.merge(model_def, params, rest), mb,
-                                     prompt_weight=prompt_loss_weight,
                                      loss_positions=loss_positions), has_aux=True)
 
     def accumulate(carry, mb):
-      grads, objective, loss, count, correct = carry
-      (o, (n, c, l)), g = grad_fn(params, mb)
-      return (jax.tree.map(jnp.add, grads, g), objective + o, loss + l, count + n,
-              correct + c), None
+      grads, loss, count, correct = carry
+      (l, (n, c)), g = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, correct + c), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    (grads, objective, loss, count, correct), _ = jax.lax.scan(accumulate, init, micro)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    (grads, loss, count, correct), _ = jax.lax.scan(accumulate, init, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     step = optimizer.step[...]
     optimizer.update(model, grads)
-    metrics = {'loss': loss / denom, 'objective': objective / denom,
-               'token_accuracy': correct / denom,
+    metrics = {'loss': loss / denom, 'token_accuracy': correct / denom,
                'answer_tokens': count, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(step)}
     return nnx.state((model, optimizer)), metrics
@@ -209,8 +202,7 @@ def initialize_distributed() -> None:
 def _step_maker(c):
   schedule = make_schedule(c.train)
   return schedule, lambda graphdef: make_train_step(
-      graphdef, c.train.grad_accum, schedule, c.train.prompt_loss_weight,
-      c.train.loss_positions)
+      graphdef, c.train.grad_accum, schedule, c.train.loss_positions)
 
 
 def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str, Any]:
@@ -263,7 +255,7 @@ class _Run:
     return nnx.merge(self.graphdef, self.state)[0]
 
 
-def _build(c, workdir: str) -> _Run:
+def _build(c, workdir: str, log) -> _Run:
   """Mesh, tokenizer, initial model and optimizer placed in their shardings, the step."""
   cfg = model_config(c)
   mesh, shape = config_lib.run_mesh(c, cfg)
@@ -274,13 +266,16 @@ def _build(c, workdir: str) -> _Run:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(c.to_json(indent=2))
   schedule, step_maker = _step_maker(c)
+  hook = config_lib.init_hook(c)
   if c.init_from:   # streamed straight into the parameter shardings
     _, model = convert.load_checkpoint(c.init_from, mesh=mesh, **dataclass_fields(cfg))
+    if hook:
+      log(f'[train] init_hook={c.init_hook!r} skipped: init_from={c.init_from!r} loads '
+          f'trained parameters')
   else:
     model = init_model(cfg, seed=c.seed)
-    if c.embed_init == 'compose':   # merged pieces start from their parts (embed_init.py)
-      model.embed[...] = jnp.asarray(compose_embeddings(
-          np.asarray(model.embed[...]), piece_splits(tokenizer)), model.embed[...].dtype)
+    if hook:
+      hook(model, tokenizer, c)
   optimizer = nnx.Optimizer(model, make_optimizer(c.train, schedule), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   shardings = shd.state_shardings(state, mesh)
@@ -305,7 +300,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
     initialize_distributed()
   if jax.process_index() != 0:
     log = lambda line: None   # one console, written by process 0
-  run = _build(c, workdir)
+  run = _build(c, workdir, log)
   data_cfg = DataConfig.from_dict({**c.data.to_dict(), 'global_batch_size': c.train.batch_size})
   data_iter = iter(make_dataset(data_cfg, run.tokenizer, process_index=jax.process_index(),
                                 process_count=jax.process_count()))
@@ -376,7 +371,7 @@ def _loop(c, run, data_iter, mngr, writer, workdir, start, result, log) -> None:
                                                               zigzag))
       step += 1
       pending = _settle(pending, mngr, workdir)
-      pending = (step, metrics['objective'])   # = the answer loss unless prompt_loss_weight
+      pending = (step, metrics['loss'])
       if step % t.log_every == 0 or step == t.steps:
         pending = _settle(pending, mngr, workdir)
         m, line = clock.line(step, metrics)
@@ -454,7 +449,7 @@ def _check_answer_tokens(loss_mask, k: int, step: int) -> None:
 
 
 def _settle(pending, mngr, workdir: str) -> None:
-  """Read the loss of a dispatched step, `pending` = (step, objective) or None, and stop on
+  """Read the loss of a dispatched step, `pending` = (step, loss) or None, and stop on
   a non-finite one; returns None (nothing is pending afterwards)."""
   if pending is not None and not math.isfinite(loss := float(pending[1])):
     raise FloatingPointError(
@@ -466,15 +461,15 @@ def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False, befo
   """Held-out retrieval accuracy by gold position. `before`: of the initial model, kept in
   WORKDIR/eval_kv_before.json; `final`: WORKDIR/eval_kv.json (+ .png), with the `before`
   result beside it when there is one, and the task fields."""
+  from jaxlm.data.tasks import eval_task
   from jaxlm.evaluate import retrieval
   e = c.eval
-  fields = {**c.data.task_fields.to_dict(), **e.task_fields.to_dict()}
-  fields.pop('curriculum_examples', None)   # a training-stream schedule, not an eval setting
+  task, fields = eval_task(c)
   result = retrieval.evaluate_retrieval(
-      model, tokenizer, c.data.task, fields,
+      model, tokenizer, task, fields,
       positions=list(e.positions), per_position=e.per_position, seed=e.seed,
       chat_format=c.data.chat_format, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-      verbose=jax.process_index() == 0)   # a progress line per gold position
+      verbose=jax.process_index() == 0)   # progress lines with rate and ETA
   result['step'] = step
   log(f'[eval] {"before fine-tuning" if before else f"step {step}"}: held-out accuracy '
       f'{result["accuracy"]:.3f} (value {result["value_accuracy"]:.3f})')
@@ -487,7 +482,7 @@ def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False, befo
     log(retrieval.format_table(result))
     retrieval.write(result, before_file)
   if final and main:
-    result['task'] = {'name': c.data.task, **fields}
+    result['task'] = {'name': task, **fields}
     if os.path.exists(before_file):
       with open(before_file) as f:
         result['before'] = {k: v for k, v in json.load(f).items()

@@ -41,9 +41,10 @@ def test_cpu_mesh_report_grows_with_batch_and_sequence(tmp_path):
   assert json.load(open(tmp_path / 'a' / 'aot.json'))['total_bytes_per_device'] == \
       base['total_bytes_per_device']
   double_b = _report(tmp_path / 'b', train__batch_size=16)
-  double_t = _report(tmp_path / 't', data__seq_len=512)
+  T = train_config.get_config().data.seq_len
+  double_t = _report(tmp_path / 't', data__seq_len=2 * T)
   # The batch is an argument: 5 int32 [B, T] arrays, split over the 4 fsdp devices.
-  batch_bytes = 5 * 4 * 8 * 256 // 4
+  batch_bytes = 5 * 4 * 8 * T // 4
   for bigger in (double_b, double_t):
     assert bigger['argument_bytes'] - base['argument_bytes'] == batch_bytes
     assert bigger['temp_bytes'] > base['temp_bytes']

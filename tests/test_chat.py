@@ -9,7 +9,8 @@ import pytest
 from jaxlm import chat
 from jaxlm.chat import ChatFormatError, detect_chat_format, render_prompt, resolve
 from jaxlm.data import make_task
-from jaxlm.data.pipeline import format_prompt, prompt_ids, to_features
+from jaxlm.data.features import conversation_features
+from jaxlm.data.pipeline import format_prompt, prompt_ids
 from jaxlm.tokenizer import Tokenizer, load_tokenizer
 
 SMOLLM2 = 'embedded:smollm2-135m-instruct'
@@ -46,8 +47,13 @@ def llama3(hf_smol, tmp_path_factory):
 
 
 def _task_examples(tok, n=3, **fields):
-  task = make_task('simple_kv', tok, num_dicts=5, answer_template=True, extra_queries=2, **fields)
+  task = make_task('demo_kv', tok, num_dicts=5, answer_template=True, extra_queries=2, **fields)
   return [task.example(5, i) for i in range(n)]
+
+
+def _turns(ex):
+  """An example with extra turns (jaxlm/demo/kv.py) as (question, answer) pairs."""
+  return [(ex.prompt, ex.answer), *ex.turns]
 
 
 def _hf_ids(hf, messages, **kw):
@@ -74,7 +80,7 @@ def test_chatml_prompt_ids_equal_smollm2_chat_template(smol, hf_smol):
 def test_chatml_training_sequence_is_the_templated_conversation(smol, hf_smol):
   for ex in _task_examples(smol, 2):
     assert ex.turns
-    f = to_features(ex, smol, 'chatml')
+    f = conversation_features(_turns(ex), smol, 'chatml')
     tokens = list(f['inputs']) + [int(f['targets'][-1])]
     messages = [{'role': 'user', 'content': ex.prompt}, {'role': 'assistant', 'content': ex.answer}]
     for q, a in ex.turns:
@@ -102,7 +108,7 @@ def test_mistral_rendering_keeps_the_previous_ids(mistral):
   for ex in _task_examples(mistral, 2):
     ids = prompt_ids(ex, mistral, 'mistral')
     assert ids == mistral.encode(f'[INST] {ex.prompt} [/INST]', bos=True) and ids[0] == 1
-    f = to_features(ex, mistral, 'mistral')
+    f = conversation_features(_turns(ex), mistral, 'mistral')
     answer = mistral.encode(ex.answer, bos=False, eos=True)
     assert list(f['targets'][len(ids) - 1:len(ids) - 1 + len(answer)]) == answer
   assert prompt_ids(ex, mistral, 'none') == mistral.encode(ex.prompt, bos=True)
@@ -115,7 +121,7 @@ def test_loss_mask_covers_each_answer_and_its_end_of_turn_token(name, mistral, s
   end = fmt.end_of_turn or tok.id_to_piece(tok.eos_id)
   header = fmt.turn.split('{prompt}')[1]   # what the answer follows
   for ex in _task_examples(tok, 2):
-    f = to_features(ex, tok, name)
+    f = conversation_features(_turns(ex), tok, name)
     targets, mask = f['targets'], f['loss_mask']
     assert len(f['inputs']) == len(targets) == len(mask)
     np.testing.assert_array_equal(f['inputs'][1:], targets[:-1])

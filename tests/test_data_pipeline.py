@@ -163,11 +163,11 @@ def test_errors(tok):
 def _features_digest(tok, chat_format, fields):
   import hashlib
   from jaxlm.data.pipeline import prompt_ids
-  task = make_task('simple_kv', tok, **fields)
+  task = make_task('demo_kv', tok, **fields)   # extra turns: jaxlm/demo/kv.py
   h = hashlib.sha256()
   for i in range(20):
     ex = task.example(7, i)
-    f = to_features(ex, tok, chat_format)
+    f = task.to_features(ex, tok, chat_format)
     for k in ('inputs', 'targets', 'loss_mask'):
       h.update(np.asarray(f[k], np.int32).tobytes())
     h.update(np.asarray(prompt_ids(ex, tok, chat_format), np.int32).tobytes())
@@ -197,9 +197,9 @@ def test_auto_chat_format_follows_the_checkpoint(tok):
   except embedded.EmbeddedModelError as e:
     pytest.skip(f'the embedded SmolLM2 GGUF is not installed: {e}')
   fields = {'num_dicts': 3, 'keys_per_dict': (2, 3), 'extra_queries': 1}
-  cfg = config(chat_format='auto', task_fields=fields, seq_len=320)
+  cfg = config(task='demo_kv', chat_format='auto', task_fields=fields, seq_len=320)
   assert DataConfig().chat_format == 'mistral'
-  task = make_task('simple_kv', smol, **cfg.task_fields)
+  task = make_task('demo_kv', smol, **cfg.task_fields)
   answers = {a for i in range(40) for a in [task.example(3, i).answer]
              + [r for _, r in task.example(3, i).turns]}
   batch = next(iter(make_dataset(cfg, smol)))

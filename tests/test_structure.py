@@ -2,6 +2,7 @@
 factory, and the trainer's flags defined only when it is the program."""
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -132,3 +133,18 @@ def test_the_trainers_mesh_spans_two_slices_with_the_data_axis():
   c.mesh.data, c.mesh.fsdp = 1, -1        # one slice: the plain mesh
   mesh, _ = config_lib.run_mesh(c, cfg, jax.devices()[:8])
   assert dict(mesh.shape)['data'] == 1
+
+
+def test_the_core_path_does_not_know_the_demo():
+  # The from-scratch demo's machinery lives in jaxlm/demo; the trainer, the tasks and the
+  # pipeline a pretrained-model run goes through do not mention it.
+  words = ('demo', 'embed_init', 'compose_embeddings', 'extra_quer', 'curriculum', 'turns',
+           'prompt_loss', 'tiny_tokenizer')
+  for path in ('jaxlm/train.py', 'jaxlm/data/kv.py', 'jaxlm/data/pipeline.py',
+               'jaxlm/config.py', 'jaxlm/checkpoint.py', 'configs/base.py'):
+    text = open(os.path.join(ROOT, path)).read().lower()
+    assert not [w for w in words if re.search(rf'\b{w}', text)], path
+  g = import_graph()
+  importers = {m for m, deps in g.items() for d in deps if d.startswith('jaxlm.demo')}
+  assert importers <= {'jaxlm.data.tasks', 'jaxlm.embed_init', 'jaxlm.data.tiny_tokenizer',
+                       'jaxlm.bench.recall'} | {m for m in g if m.startswith('jaxlm.demo')}

@@ -57,63 +57,6 @@ def test_not_a_tokenizer(tmp_path):
     Tokenizer(str(tmp_path / 'missing.model'))
 
 
-def test_tiny_demo_tokenizer_rebuilds_identically_and_keeps_numbers_whole(tmp_path):
-  from jaxlm.data import make_task
-  from jaxlm.data.tiny_tokenizer import build
-  from jaxlm.tokenizer import REPO_ROOT
-  shipped = f'{REPO_ROOT}/data/tokenizers/kv-tiny.model'
-  build(str(tmp_path / 'kv.model'))
-  assert open(tmp_path / 'kv.model', 'rb').read() == open(shipped, 'rb').read()
-  tok = Tokenizer(shipped)
-  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (382, 1, 2)
-  for n in (0, 7, 42, 99):   # a number is one piece wherever the task prints it
-    pieces = [tok.id_to_piece(i) for i in tok.encode(f'{{{n}: {n}, {n}: 5}} Report the value '
-                                                     f'of key {n} and', bos=False)]
-    assert pieces.count(str(n)) == 4, pieces
-  ex = make_task('simple_kv', tok, num_dicts=4, keys_per_dict=(2, 3), key_digits=(1, 2),
-                 value_digits=(1, 2), answer_template=True).example(5, 0)
-  assert tok.decode(tok.encode(ex.prompt)) == ex.prompt
-  assert len(tok.encode(ex.prompt, bos=False)) < 100   # the task's fixed sentences are single pieces
-
-
-def test_merged_demo_tokenizer_rebuilds_and_makes_each_lookup_start_from_the_current_token(tmp_path):
-  from jaxlm.data.tiny_tokenizer import build
-  from jaxlm.tokenizer import REPO_ROOT
-  shipped = f'{REPO_ROOT}/data/tokenizers/kv-tiny-merged.model'
-  build(str(tmp_path / 'kv.model'), 'merged')
-  assert open(tmp_path / 'kv.model', 'rb').read() == open(shipped, 'rb').read()
-  tok = Tokenizer(shipped)
-  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (695, 1, 2)
-  def pieces(text):
-    ids = tok.encode(text, bos=False)
-    assert tok.decode(ids) == text
-    return [tok.id_to_piece(i).replace('\u2581', ' ') for i in ids]
-  assert pieces('Dictionary [3] {12: 5, 7: 45}\nDictionary [4] {9: 1}\n\n') == [
-      'Dictionary [3] {', '12: ', '5', ', ', '7: ', '45', '}\n', 'Dictionary [4] {', '9: ', '1',
-      '}\n\n']
-  assert pieces('The value of key 12 is 45 and it is in Dictionary [3].') == [
-      'The value of key ', '12 is ', '45 and it is in Dictionary [', '3', '].']
-  assert pieces('Report the value of key 12 and the dictionary it is in.') == [
-      'Report the value of key ', '12', ' and the dictionary it is in.']
-  with pytest.raises(ValueError, match="variant='big' must be one of"):
-    build(str(tmp_path / 'x.model'), 'big')
-
-
-def test_pairs_demo_tokenizer_makes_a_one_digit_pair_one_piece(tmp_path):
-  from jaxlm.data.tiny_tokenizer import build
-  from jaxlm.tokenizer import REPO_ROOT
-  shipped = f'{REPO_ROOT}/data/tokenizers/kv-tiny-pairs.model'
-  build(str(tmp_path / 'kv.model'), 'pairs')
-  assert open(tmp_path / 'kv.model', 'rb').read() == open(shipped, 'rb').read()
-  tok = Tokenizer(shipped)
-  assert tok.vocab_size == 895
-  text = 'Dictionary [1] {3: 7, 5: 12, 8: 1}\nDictionary [2] {4: 4}\n\nAbove'
-  ids = tok.encode(text, bos=False)
-  assert tok.decode(ids) == text
-  assert [tok.id_to_piece(i).replace('\u2581', ' ') for i in ids][:8] == [
-      'Dictionary [1] {', '3: 7, ', '5: ', '12', ', ', '8: 1}\n', 'Dictionary [2] {', '4: 4}\n']
-
-
 # ---------------------------------------------------------------------------------------
 # Byte-level BPE (SmolLM2's GGUF) against transformers' own GGUF tokenizer
 

@@ -104,26 +104,25 @@ def test_loss_ignores_prompt_targets():
   assert float(trainer.loss_sums(model, changed_answer)[0]) != float(base)
 
 
-def test_prompt_loss_weight_adds_the_prompt_tokens_cross_entropy():
+def test_loss_is_the_answer_tokens_cross_entropy_and_padding_never_counts():
   model = init_model(get_config('tiny'))
   rs = np.random.RandomState(2)
   tokens = rs.randint(0, 512, (2, 17)).astype(np.int32)
   mask = np.zeros((2, 16), np.int32)
   mask[:, 10:14] = 1
   seg = np.ones((2, 16), np.int32)
-  seg[1, 14:] = 0                                     # padding: never in any loss
+  seg[1, 14:] = 0                                     # padding: never in the loss
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': mask,
            'positions': np.tile(np.arange(16, dtype=np.int32), (2, 1)), 'segment_ids': seg}
   logits = np.asarray(model(batch['inputs'], batch['positions'], segment_ids_BxT=seg), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   ce = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
-  answer, prompt = (ce * mask).sum(), (ce * (1 - mask) * seg).sum()
-  obj, (n, _, ans) = trainer.loss_sums(model, batch, prompt_weight=0.25)
+  loss, (n, _) = trainer.loss_sums(model, batch)
   assert int(n) == 8
-  np.testing.assert_allclose([float(obj), float(ans)], [answer + 0.25 * prompt, answer], rtol=1e-5)
+  np.testing.assert_allclose(float(loss), (ce * mask).sum(), rtol=1e-5)
   padded = dict(batch, targets=np.where(seg == 0, 7, batch['targets']))
-  np.testing.assert_array_equal(trainer.loss_sums(model, padded, prompt_weight=0.25)[0], obj)
+  np.testing.assert_array_equal(trainer.loss_sums(model, padded)[0], loss)
 
 
 @pytest.mark.parametrize('section, field, value, match', [
@@ -261,7 +260,7 @@ def test_non_finite_loss_between_logged_steps_is_caught_before_any_save(tmp_path
     def poisoned(state, batch):   # nan from the 3rd step on
       done = nnx.merge(graphdef, state)[1].step[...]
       state, metrics = step(state, batch)
-      return state, {**metrics, 'objective': jnp.where(done >= 2, jnp.nan, metrics['objective'])}
+      return state, {**metrics, 'loss': jnp.where(done >= 2, jnp.nan, metrics['loss'])}
     return poisoned
   monkeypatch.setattr(trainer, 'make_train_step', make)
   c = small_config(train__steps=6, train__log_every=6, train__checkpoint_every=6)
@@ -301,3 +300,31 @@ def test_zigzag_ring_layout_trains_like_the_natural_order(monkeypatch):
   for k in a:
     np.testing.assert_allclose(np.asarray(a[k][...]), np.asarray(b[k][...]), atol=2e-5,
                                err_msg=str(k))
+
+
+def test_resumes_a_checkpoint_written_before_data_stream(tmp_path, monkeypatch):
+  # Checkpoints written before December 2026 hold grain's per-process data-iterator files
+  # under `data` instead of `data_stream`: one process resumes them with the same stream.
+  import grain
+  import orbax.checkpoint as ocp
+  from jaxlm import checkpoint as ckpt
+
+  def old_save(mngr, step, state, data_iter):
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+        data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+  c = small_config()
+  c.train.steps = 4
+  ref = trainer.train(c, str(tmp_path / 'ref'), log=lambda s: None)
+  with monkeypatch.context() as m:
+    m.setattr(ckpt, 'save', old_save)
+    c.train.steps = 2
+    trainer.train(c, str(tmp_path / 'old'), log=lambda s: None)
+  c.train.steps = 4
+  logs = []
+  resumed = trainer.train(c, str(tmp_path / 'old'), log=logs.append)
+  assert resumed['start_step'] == 2 and not any('restarts' in line for line in logs), logs
+  a, b = (dict(nnx.to_flat_state(r['state'])) for r in (ref, resumed))
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k][...]), np.asarray(b[k][...]), err_msg=str(k))

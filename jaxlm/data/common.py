@@ -41,15 +41,9 @@ class Example:
   num_tokens: int | None
   seed: int
   index: int
-  # More (question, answer) turns about the same prompt (training density; see
-  # SimpleKVConfig.extra_queries). Evaluation and exports use the first turn only.
-  turns: tuple = ()
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    if not d['turns']:
-      del d['turns']
-    return d
+    return dataclasses.asdict(self)
 
 
 def example_rng(task: str, seed: int, index: int, attempt: int = 0) -> np.random.Generator:

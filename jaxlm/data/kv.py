@@ -12,9 +12,8 @@ across dictionaries (never within one) unless `unique_keys='all'`.
 keys share some, never all, of the gold key's subkeys; the question lists the gold
 subkeys in shuffled order.
 
-Curriculum: with a `num_dicts` range and `curriculum_examples=N`, example i draws its
-count from (min, m_i), m_i rising linearly from min to max over the first N examples
-(a pure function of the index, so resuming replays it exactly).
+`num_dicts` may be a (min, max) range: each example draws its count (easy and hard
+examples mixed).
 
 Lengths: `num_dicts` fixes the number of dictionaries; `num_tokens` alone fills the
 prompt with as many dictionaries as fit the token budget; both together keep
@@ -24,7 +23,6 @@ dictionaries, rebuilt until under 3996 tokens).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any
 
@@ -40,19 +38,12 @@ PREFIX = 'Do a task using the list of dictionaries below.\n\n'
 class SimpleKVConfig:
   num_dicts: Any = 85                 # an int, a (min, max) range drawn per example, or None
   num_tokens: int | None = None       # prompt token budget (no bos, no chat format)
-  curriculum_examples: int = 0        # with a num_dicts range: ramp its max over these examples
   keys_per_dict: tuple[int, int] = (3, 4)
   gold_dict_size: int = 3
   key_digits: tuple[int, int] = (3, 4)
   value_digits: tuple[int, int] = (3, 4)
   unique_keys: str = 'gold'           # 'gold': only the gold key is unique; 'all': every key
   answer_template: bool = False
-  extra_queries: int = 0              # training density: after the answer, ask up to this many
-                                      # more keys (each unique in the prompt) as extra turns
-  extra_question: str = 'full'        # the extra turns' question: 'full' (the paper's, as the
-                                      # first turn) or 'short' (its one 'Report ...' sentence)
-  extra_unique_values: bool = False   # extra turns ask only pairs whose value is unique in the
-                                      # prompt too (as the gold pair's), so it names the pair
   gold_position: Any = 'uniform'      # 'uniform' | 1-based index | depth float | list
   first_position_prob: float = 0.05   # paper quirk ('uniform' only): 5% at Dictionary [1]
   early_position_prob: float = 0.03   # ... and 3% uniform over the first early_position_max
@@ -64,7 +55,6 @@ class SimpleKVConfig:
 class MultiSubkeyKVConfig:
   num_dicts: Any = 49
   num_tokens: int | None = None
-  curriculum_examples: int = 0
   keys_per_dict: tuple[int, int] = (3, 4)
   gold_dict_size: int = 3
   subkeys_per_key: int = 3
@@ -97,16 +87,6 @@ class _DictTask:
                               f'dictionaries when num_dicts={tuple(self.dict_range)}; use '
                               f'indices <= {self.dict_range[0]} or depths in [0, 1]')
     self.config, self.tokenizer = c, tokenizer
-    if not isinstance(c.curriculum_examples, int) or c.curriculum_examples < 0:
-      raise TaskConfigError(f'curriculum_examples={c.curriculum_examples!r} must be an int >= 0')
-    extra = getattr(c, 'extra_queries', 0)
-    if not isinstance(extra, int) or extra < 0:
-      raise TaskConfigError(f'extra_queries={extra!r} must be an int >= 0')
-    if extra and c.num_dicts is None:
-      raise TaskConfigError(f'extra_queries={extra} needs num_dicts (not only num_tokens)')
-    if c.curriculum_examples and self.dict_range is None:
-      raise TaskConfigError(f'curriculum_examples={c.curriculum_examples} needs a num_dicts '
-                            f'range (min, max), got num_dicts={c.num_dicts!r}')
     if c.num_dicts is None and c.num_tokens is None:
       raise TaskConfigError(f'{self.name}: set num_dicts, num_tokens or both (both are None)')
     if c.num_dicts is not None and (not isinstance(c.num_dicts, int) or c.num_dicts < 1):
@@ -128,13 +108,9 @@ class _DictTask:
       self._check_budget()
 
   def max_dicts(self, index: int) -> int:
-    """The largest num_dicts example `index` may draw: the curriculum ramps it linearly
-    from the range's min to its max over the first curriculum_examples examples."""
-    lo, hi = self.dict_range
-    n = self.config.curriculum_examples
-    if not n or index >= n:
-      return hi
-    return lo + int((hi - lo + 1) * index / n)
+    """The largest num_dicts example `index` may draw from a num_dicts range (a subclass
+    may vary it with the index)."""
+    return self.dict_range[1]
 
   # --- per-task hooks -------------------------------------------------------------------
   def _validate(self): ...
@@ -205,6 +181,11 @@ class _DictTask:
     return self._build(common.example_rng(self.name, seed, index), seed, index, c.num_dicts)
 
   def _build(self, rng, seed, index, num_dicts) -> Example:
+    return self._compose(rng, seed, index, num_dicts)[0]
+
+  def _compose(self, rng, seed, index, num_dicts):
+    """(example, its dictionaries as (keys, values) in prompt order or None when a token
+    budget chose their number, the gold (key, value, ...))."""
     c = self.config
     if self.dict_range is not None:
       num_dicts = int(rng.integers(self.dict_range[0], self.max_dicts(index) + 1))
@@ -234,30 +215,13 @@ class _DictTask:
         break
       n -= 1            # the per-line estimate was short: drop a distractor and recount
       g = min(g, n)
-    turns = ()
-    if getattr(c, 'extra_queries', 0):
+    dicts = None
+    if num_dicts is not None:
       dicts = distractors[:g - 1] + [(gold_keys, gold_values)] + distractors[g - 1:]
-      turns = self._extra_turns(rng, gold, dicts, c.extra_queries)
     return Example(task=self.name, prompt=prompt, answer=self._answer(gold, g),
                    gold_key=self._key_json(gold), gold_value=int(gold[1]), gold_dict=g,
                    num_dicts=n, position=common.relative_position(g, n),
-                   num_tokens=num_tokens, seed=seed, index=index, turns=turns)
-
-  def _extra_turns(self, rng, gold, dicts, k: int) -> tuple:
-    """(question, answer) turns about up to k other keys that occur once in the prompt."""
-    pairs = [(int(key), int(value), d + 1) for d, (keys, values) in enumerate(dicts)
-             for key, value in zip(keys, values)]
-    key_count = collections.Counter(key for key, _, _ in pairs)
-    candidates = [p for p in pairs if key_count[p[0]] == 1 and p[0] != int(gold[0])]
-    if getattr(self.config, 'extra_unique_values', False):
-      value_count = collections.Counter(value for _, value, _ in pairs)
-      candidates = [p for p in candidates if value_count[p[1]] == 1]
-    if not candidates:
-      return ()
-    chosen = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False)
-    ask = self._short_question if getattr(self.config, 'extra_question', 'full') == 'short' else self._question
-    return tuple((ask(candidates[i][:2]), self._answer(candidates[i][:2], candidates[i][2]))
-                 for i in chosen)
+                   num_tokens=num_tokens, seed=seed, index=index), dicts, gold
 
   def _fill(self, rng, gold, gold_line, question, used):
     """Distractor bodies and the number of dictionaries that fit num_tokens."""
@@ -308,8 +272,6 @@ class SimpleKV(_DictTask):
     self.value_digits = common.check_digits('value_digits', c.value_digits)
     if c.unique_keys not in ('gold', 'all'):
       raise TaskConfigError(f"unique_keys={c.unique_keys!r} must be 'gold' or 'all'")
-    if c.extra_question not in ('full', 'short'):
-      raise TaskConfigError(f"extra_question={c.extra_question!r} must be 'full' or 'short'")
     space = common.digit_range_size(self.key_digits)
     most = max(self.keys_per_dict[1], c.gold_dict_size)
     if c.unique_keys == 'all' and c.num_dicts is not None:
@@ -370,9 +332,6 @@ class SimpleKV(_DictTask):
             f'The value of key {gold[0]} is <fill-in-value> and it is in Dictionary '
             '[<fill-in-dictionary-name>].')
     return q
-
-  def _short_question(self, gold):
-    return f'Report the value of key {gold[0]} and the dictionary it is in.'
 
   def _answer(self, gold, g):
     return f'The value of key {gold[0]} is {gold[1]} and it is in Dictionary [{g}].'

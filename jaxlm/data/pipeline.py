@@ -5,6 +5,7 @@ padded sequences -> batches.
       .shuffle(seed).repeat(E)     epochs, reshuffled each epoch
       .map(task.example)           pure function of (config, seed, index)
       .map(to_features)            prompt+answer tokens, loss mask on the answer only
+                                   (jaxlm.data.features)
       .to_iter_dataset(threads)    optional thread or process workers
       pack (first fit) | pad       segment ids and positions per example
       .batch(global_batch)         the same global batches on every process
@@ -26,11 +27,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm import chat
-from jaxlm.data.common import Example, TaskConfigError, replace_fields
+from jaxlm.data.common import TaskConfigError, replace_fields
+from jaxlm.data.features import (FEATURES, format_prompt, prompt_ids,  # noqa: F401
+                                 resolve_chat_format, to_features)
 from jaxlm.data.tasks import make_task
-
-FEATURES = ('inputs', 'targets', 'loss_mask')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,48 +58,6 @@ class DataConfig:
     return replace_fields(cls(), d)
 
 
-def format_prompt(prompt: str, chat_format) -> str:
-  """The text of a chat-formatted first user turn (bos not included); `chat_format` is a
-  name of jaxlm.chat.FORMATS or a ChatFormat ('auto' needs a tokenizer: see prompt_ids)."""
-  try:
-    return chat.render_prompt(chat.get_format(chat_format), prompt)
-  except chat.ChatFormatError as e:
-    raise TaskConfigError(str(e)) from None
-
-
-def resolve_chat_format(chat_format, tokenizer) -> chat.ChatFormat:
-  """The ChatFormat a config names ('auto': the tokenizer's), checked against the tokenizer."""
-  try:
-    return chat.resolve(chat_format, tokenizer)
-  except chat.ChatFormatError as e:
-    raise TaskConfigError(str(e)) from None
-
-
-def prompt_ids(example: Example, tokenizer, chat_format) -> list[int]:
-  """[bos] + the (chat-formatted) prompt: what a model sees before it answers."""
-  fmt = resolve_chat_format(chat_format, tokenizer)
-  return chat.prompt_ids(fmt, tokenizer, example.prompt)
-
-
-def to_features(example: Example, tokenizer, chat_format) -> dict[str, np.ndarray]:
-  """Next-token features of prompt + answer; the loss mask is 1 exactly where the
-  target is an answer token or the end-of-turn token that closes it (the answer is
-  tokenized on its own, as instruct tokenizers do for assistant turns). Later turns
-  (`example.turns`) follow in the same format; the text between turns carries no loss."""
-  fmt = resolve_chat_format(chat_format, tokenizer)
-  prompt = chat.prompt_ids(fmt, tokenizer, example.prompt)
-  answer = chat.answer_ids(fmt, tokenizer, example.answer)
-  tokens, labelled = prompt + answer, [0] * len(prompt) + [1] * len(answer)
-  for question, reply in example.turns:   # e.g. Mistral: [INST] q [/INST]a</s>
-    q = chat.turn_ids(fmt, tokenizer, question)
-    a = chat.answer_ids(fmt, tokenizer, reply)
-    tokens += q + a
-    labelled += [0] * len(q) + [1] * len(a)
-  tokens = np.array(tokens, np.int32)
-  mask = np.array(labelled[1:], np.int32)   # target t+1 is an answer token
-  return {'inputs': tokens[:-1], 'targets': tokens[1:], 'loss_mask': mask}
-
-
 class _Generate(grain.transforms.Map):
   def __init__(self, task, seed):
     self.task, self.seed = task, seed
@@ -109,11 +67,15 @@ class _Generate(grain.transforms.Map):
 
 
 class _Featurize(grain.transforms.Map):
-  def __init__(self, tokenizer, chat_format):
+  """Example -> features (jaxlm.data.features), or the task's own `to_features` when it
+  has one."""
+
+  def __init__(self, task, tokenizer, chat_format):
+    self.featurize = getattr(task, 'to_features', to_features)
     self.tokenizer, self.chat_format = tokenizer, chat_format
 
   def map(self, example):
-    return to_features(example, self.tokenizer, self.chat_format)
+    return self.featurize(example, self.tokenizer, self.chat_format)
 
 
 class _CheckLength(grain.transforms.Filter):
@@ -187,7 +149,7 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0,
     if c.shuffle:
       ds = ds.shuffle(seed=c.seed)
     ds = ds.repeat(c.num_epochs)
-  ds = ds.map(_Generate(task, c.seed)).map(_Featurize(tokenizer, fmt))
+  ds = ds.map(_Generate(task, c.seed)).map(_Featurize(task, tokenizer, fmt))
   ds = ds.filter(_CheckLength(c.seq_len, c.on_long))
   # Always explicit: `None` would mean Grain's default of 16 threads and a 500-element buffer.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads,

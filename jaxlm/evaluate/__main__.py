@@ -139,9 +139,8 @@ def main(argv):
     if c is None:
       with open(os.path.join(_CHECKPOINT.value, 'config.json')) as f:
         c = ml_collections.ConfigDict(json.load(f))
-    kv_task = c.data.task
-    kv_fields = {**c.data.task_fields.to_dict(), **c.eval.task_fields.to_dict()}
-    kv_fields.pop('curriculum_examples', None)
+    from jaxlm.data.tasks import eval_task
+    kv_task, kv_fields = eval_task(c)
     n = kv_fields.pop('num_dicts', None)
     kv_lengths = [n] if isinstance(n, int) else kv_lengths
   if _KV_LENGTHS.value:

@@ -27,14 +27,19 @@ def evaluate_retrieval(model, tokenizer, task: str, task_fields: dict[str, Any],
   """Accuracy overall and by position; `predictions` holds one record per example."""
   runner = runner or Runner(model, tokenizer, chat_format=chat_format, batch_size=batch_size,
                            verbose=verbose)
+  tasks = {p: make_task(task, tokenizer, **{**dict(task_fields), 'gold_position': p})
+           for p in positions}
+  examples = [(p, tasks[p].example(seed, i)) for p in positions for i in range(per_position)]
+  # One generate call for every position: the runner batches prompts of similar length
+  # together, so batches are full and padded little.
+  outputs = runner.generate([ex.prompt for _, ex in examples], max_new_tokens=max_new_tokens,
+                            label=f'{task} positions {list(positions)}')
   rows, samples, all_scores, predictions = [], [], [], []
   for position in positions:
-    t = make_task(task, tokenizer, **{**dict(task_fields), 'gold_position': position})
-    examples = [t.example(seed, i) for i in range(per_position)]
     scores = []
-    outputs = runner.generate([ex.prompt for ex in examples], max_new_tokens=max_new_tokens,
-                              label=f'{task} position {position}')
-    for ex, text in zip(examples, outputs):
+    for (p, ex), text in zip(examples, outputs):
+      if p != position:
+        continue
       score = score_answer(text, ex)
       scores.append(score)
       predictions.append({'id': f'{seed}-{ex.index}', 'gold_position': position,
