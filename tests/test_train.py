@@ -230,10 +230,14 @@ def test_init_from_a_hugging_face_checkpoint(tmp_path):
   cfg = trainer.model_config(c)
   source = init_model(cfg, seed=7)
   convert.save_hf(cfg, source, str(tmp_path / 'hf_in'))
-  c.init_from, c.embed_init = str(tmp_path / 'hf_in'), 'random'   # tiny_kv composes from scratch
-  result = trainer.train(c, str(tmp_path / 'run'), log=lambda s: None)
+  c.init_from = str(tmp_path / 'hf_in')
+  c.init_hook = 'jaxlm.demo.embed_init:init_hook'   # runs from scratch only: skipped here
+  logs = []
+  result = trainer.train(c, str(tmp_path / 'run'), log=logs.append)
+  assert any("init_hook='jaxlm.demo.embed_init:init_hook' skipped" in line for line in logs)
   model = nnx.merge(result['graphdef'], result['state'])[0]
   np.testing.assert_array_equal(model.lm_head[...], source.lm_head[...])   # lr 0: unchanged
+  np.testing.assert_array_equal(model.embed[...], source.embed[...])       # not composed
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
