@@ -47,4 +47,6 @@ def get_config():
   c.eval.max_new_tokens = 32
   c.eval.batch_size = 100            # all 100 prompts in one batch: decoding is memory-bound
   c.mesh.fsdp = -1
+  c.mesh.devices = 1                 # a CPU job; on N devices: --config.mesh.devices=0 and a
+                                     # train.batch_size that N divides
   return c

@@ -15,6 +15,7 @@ writing, a truncated copy) is reported, skipped and deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -72,7 +73,7 @@ def restore(mngr, state, shardings, data_iter, log) -> int | None:
 
 def _restore_data(mngr, step: int, data_iter, log) -> None:
   import orbax.checkpoint as ocp
-  if 'data_stream' in mngr.item_metadata(step):   # (the items' names; values None here)
+  if (mngr.directory / str(step) / 'data_stream').exists():
     data_iter.set_state(mngr.restore(step, args=ocp.args.Composite(
         data_stream=ocp.args.JsonRestore()))['data_stream'])
     return
@@ -93,7 +94,8 @@ def restore_model(c, workdir: str, mesh, step: int | None = None):
   placed straight into their shardings on `mesh` (the optimizer state stays on disk).
   `workdir` is the run directory or its checkpoints/ folder; step None: the newest."""
   import orbax.checkpoint as ocp
-  cfg = config_lib.model_config(c)
+  # the trainer's zigzag batches are a training-time layout; inference reads natural order
+  cfg = dataclasses.replace(config_lib.model_config(c), ring_layout='natural')
   root = workdir if os.path.basename(os.path.normpath(workdir)) == 'checkpoints' else \
       os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(root):

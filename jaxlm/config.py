@@ -45,7 +45,8 @@ def load_config_file(path: str):
 
 def init_hook(c):
   """The function config.init_hook names ('module:function', called as
-  function(model, tokenizer, config) on a model initialized from scratch), or None."""
+  function(model, tokenizer, config) on a model initialized from scratch), or None. A hook
+  with a `check(config)` attribute has it called by `validate` (start-up checks)."""
   spec = c.get('init_hook', '')
   if not spec:
     return None
@@ -139,7 +140,9 @@ def validate(c, cfg: MistralConfig, num_devices: int, num_slices: int = 1
                         f'is not divisible by 2*{sizes["context"]}')
   if t.schedule not in ('cosine', 'linear', 'constant'):
     raise ConfigError(f"train.schedule={t.schedule!r} must be 'cosine', 'linear' or 'constant'")
-  init_hook(c)
+  hook = init_hook(c)
+  if hook is not None and hasattr(hook, 'check'):   # the hook's own config fields
+    hook.check(c)
   if t.loss_positions < 0:
     raise ConfigError(f'train.loss_positions={t.loss_positions} must be >= 0')
   if t.steps <= 0 or t.warmup_steps < 0:
@@ -156,16 +159,16 @@ def run_devices(c, devices=None) -> list:
   return devices[:c.mesh.devices] if c.mesh.devices else devices
 
 
-def _slice_of(device) -> int:
-  return getattr(device, 'slice_index', 0) or 0
-
-
 def run_mesh(c, cfg: MistralConfig, devices=None, *, slice_index=None):
   """(mesh, shape): the run's mesh on `devices` (default: all), checked by `validate`.
-  On several TPU slices (devices whose `slice_index` differs; `slice_index(device)`
-  overrides how a device's slice is read) the data axis spans the slices."""
+  On several TPU slices (TPU devices whose `slice_index` differs; `slice_index(device)`
+  overrides how a device's slice is read) the data axis spans the slices. GPU meshes stay
+  flat (one slice)."""
   devices = run_devices(c, devices)
-  slice_index = slice_index or _slice_of
+  slice_index = slice_index or shd.tpu_slice_index
   shape = validate(c, cfg, len(devices), len({slice_index(d) for d in devices}))
-  return shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices,
-                       slice_index=slice_index), shape
+  try:
+    return shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices,
+                         slice_index=slice_index), shape
+  except ValueError as e:   # e.g. mesh.devices cutting through a slice
+    raise ConfigError(f'config.mesh: {e}') from None

@@ -119,6 +119,14 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
+def tpu_slice_index(device) -> int:
+  """The TPU slice a device belongs to; 0 for other platforms (GPU hosts also report a
+  slice_index, one per host or NVLink domain, but a GPU cluster's mesh stays flat)."""
+  if getattr(device, 'platform', None) != 'tpu':
+    return 0
+  return getattr(device, 'slice_index', 0) or 0
+
+
 def make_mesh(sizes: dict[str, int], devices=None, *, num_slices: int | None = None,
               slice_index=None) -> Mesh:
   """The (data, fsdp, tensor, context) mesh sized from `sizes` (one size may be -1): the
@@ -129,11 +137,11 @@ def make_mesh(sizes: dict[str, int], devices=None, *, num_slices: int | None = N
   multi-slice: `slice_index` differs) get a hybrid mesh: the data axis is split across the
   slices (only gradient reductions cross the slower data-center network), every other
   axis stays within a slice. `num_slices` defaults to the number of distinct slice indices;
-  `slice_index(device)` to the device's own `slice_index` attribute (0 when it has none).
+  `slice_index(device)` to `tpu_slice_index` (a TPU device's slice; 0 elsewhere).
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
-  slice_of = slice_index or (lambda d: getattr(d, 'slice_index', 0) or 0)
+  slice_of = slice_index or tpu_slice_index
   groups: dict[int, list] = {}
   for d in devices:
     groups.setdefault(int(slice_of(d)), []).append(d)

@@ -220,3 +220,14 @@ def test_pairs_demo_tokenizer_makes_a_one_digit_pair_one_piece(tmp_path):
   assert tok.decode(ids) == text
   assert [tok.id_to_piece(i).replace('\u2581', ' ') for i in ids][:8] == [
       'Dictionary [1] {', '3: 7, ', '5: ', '12', ', ', '8: 1}\n', 'Dictionary [2] {', '4: 4}\n']
+
+
+def test_demo_runs_evaluate_the_first_turn_without_the_curriculum():
+  from jaxlm.data.tasks import eval_task
+  c = tiny_config()
+  c.eval.task = ''                                   # not named: the demo task's eval_task
+  c.data.task_fields.num_dicts, c.data.task_fields.curriculum_examples = (2, 4), 100
+  c.eval.task_fields.num_dicts = 4
+  name, fields = eval_task(c)
+  assert name == 'simple_kv' and 'curriculum_examples' not in fields
+  assert 'extra_queries' not in fields and fields['num_dicts'] == 4   # eval.task_fields wins

@@ -148,3 +148,12 @@ def test_the_core_path_does_not_know_the_demo():
   importers = {m for m, deps in g.items() for d in deps if d.startswith('jaxlm.demo')}
   assert importers <= {'jaxlm.data.tasks', 'jaxlm.embed_init', 'jaxlm.data.tiny_tokenizer',
                        'jaxlm.bench.recall'} | {m for m in g if m.startswith('jaxlm.demo')}
+
+
+def test_only_tpu_devices_form_slices():
+  # GPU hosts report a slice_index too (one per host or NVLink domain): their mesh stays flat.
+  import types
+  from jaxlm import sharding as shd
+  tpu = types.SimpleNamespace(platform='tpu', slice_index=3)
+  gpu = types.SimpleNamespace(platform='gpu', slice_index=3)
+  assert (shd.tpu_slice_index(tpu), shd.tpu_slice_index(gpu)) == (3, 0)

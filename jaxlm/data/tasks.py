@@ -36,8 +36,9 @@ def task_field_names(name: str) -> set[str]:
 
 def eval_task(c) -> tuple[str, dict[str, Any]]:
   """(task name, fields) of a run config's held-out evaluation: eval.task ('' or absent:
-  the training task) with the training task's fields that it has, then eval.task_fields."""
-  name = c.eval.get('task') or c.data.task
+  the training task's `eval_task` if its class names one, else the training task) with the
+  training task's fields that it has, then eval.task_fields."""
+  name = c.eval.get('task') or getattr(task_classes(c.data.task)[1], 'eval_task', c.data.task)
   known = task_field_names(name)
   fields = {k: v for k, v in c.data.task_fields.to_dict().items() if k in known}
   return name, {**fields, **c.eval.task_fields.to_dict()}

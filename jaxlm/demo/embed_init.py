@@ -72,14 +72,22 @@ def compose_embeddings(embed: np.ndarray, splits: dict[int, tuple[int, ...]]) ->
 def init_hook(model, tokenizer, c) -> None:
   """config.init_hook for a model initialized from scratch: with config.embed_init='compose'
   (the default) every merged piece's embedding starts from its parts (compose_embeddings)."""
+  if _check(c) == 'compose':
+    embed = model.embed[...]
+    model.embed[...] = jnp.asarray(compose_embeddings(np.asarray(embed), piece_splits(tokenizer)),
+                                   embed.dtype)
+
+
+def _check(c) -> str:
+  """The hook's config field embed_init, checked at start-up (config.validate)."""
   from jaxlm.config import ConfigError
   mode = c.get('embed_init', 'compose')
   if mode not in ('random', 'compose'):
     raise ConfigError(f"embed_init={mode!r} must be 'random' or 'compose'")
-  if mode == 'compose':
-    embed = model.embed[...]
-    model.embed[...] = jnp.asarray(compose_embeddings(np.asarray(embed), piece_splits(tokenizer)),
-                                   embed.dtype)
+  return mode
+
+
+init_hook.check = _check
 
 
 def main(argv=None) -> None:

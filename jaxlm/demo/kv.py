@@ -44,7 +44,8 @@ class DemoExample(Example):
 
 class DemoKV(SimpleKV):
   # name stays 'simple_kv': the same examples (random streams are keyed by the name) and
-  # the same scoring
+  # the same scoring; held-out evaluation asks the first turn only, without the curriculum
+  eval_task = 'simple_kv'
 
   def __init__(self, config, tokenizer=None):
     c = config
