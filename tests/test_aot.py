@@ -86,13 +86,13 @@ def test_compiles_for_a_tpu_topology_without_a_tpu(tmp_path):
                       topology='2xv5e-4', log=lambda _: None)
   assert two['devices'] == 8 and (two['mesh']['data'], two['mesh']['fsdp']) == (2, 4)
   # Doubling the batch on the topology doubles each device's slice of it: the arguments grow
-  # by 8 rows x 256 positions x 5 int32 features / 4 devices. (The total is not monotone in
+  # by 8 rows x seq_len positions x 5 int32 features / 4 devices. (The total is not monotone in
   # the batch for a model this small: the TPU compiler's fusion choices move it both ways.)
   c = train_config.get_config()
   c.train.batch_size = 16
   big = trainer.train(c, str(tmp_path / 'b'), aot_only=True, topology='v5e-4',
                       log=lambda _: None)
-  assert big['argument_bytes'] - r['argument_bytes'] == 8 * 256 * 5 * 4 // 4
+  assert big['argument_bytes'] - r['argument_bytes'] == 8 * c.data.seq_len * 5 * 4 // 4
 
 
 def test_cli_names_bad_topologies_and_missing_libtpu(tmp_path, monkeypatch):
