@@ -34,6 +34,7 @@ overrides it.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 
 class ChatFormatError(ValueError):
@@ -162,10 +163,43 @@ def render_turn(fmt: ChatFormat, prompt: str) -> str:
   return fmt.after_turn + fmt.turn.format(prompt=prompt)
 
 
-def prompt_ids(fmt: ChatFormat, tokenizer, prompt: str, *, system: str | None = None
-               ) -> list[int]:
-  """[bos] + the rendered first turn: the tokens a model reads before it answers."""
+def prompt_ids(fmt: ChatFormat, tokenizer, prompt: str, *, system: str | None = None,
+               ids=None) -> list[int]:
+  """[bos] + the rendered first turn: the tokens a model reads before it answers.
+
+  `ids`: the prompt's own tokens (tokenizer.encode(prompt, bos=False)) when the caller
+  already has them (a task that fits a token budget counts them). They are then placed
+  between the tokens of the text around the prompt instead of tokenizing the prompt again.
+  That is the tokenization of the whole text when the tokenizer splits at the prompt's
+  edges, which is checked on the first prompt per tokenizer, format and system message
+  (`_splice`); where it does not hold, or the prompt starts or ends with whitespace, the
+  whole text is tokenized."""
+  if ids is not None and prompt and not (prompt[0].isspace() or prompt[-1].isspace()):
+    around = _splice(fmt, tokenizer, system, prompt, ids)
+    if around is not None:
+      return around[0] + list(ids) + around[1]
   return tokenizer.encode(render_prompt(fmt, prompt, system=system), bos=fmt.bos)
+
+
+_SPLICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _splice(fmt: ChatFormat, tokenizer, system, prompt: str, ids) -> tuple | None:
+  """(tokens before the prompt, tokens after it) for prompt_ids, or None where splicing
+  does not reproduce the whole text's tokens (checked once, on `prompt`)."""
+  cache = _SPLICES.setdefault(tokenizer, {})
+  key = (fmt, system)
+  if key not in cache:
+    head, tail = render_prompt(fmt, '\0', system=system).split('\0')
+    if getattr(tokenizer, 'kind', None) == 'sentencepiece':
+      # the prompt's own tokens carry sentencepiece's dummy-prefix space, which stands for
+      # the space before it; a space after it is the next piece's leading space
+      head = head[:-1] if head.endswith(' ') else head
+      tail = tail[1:] if tail.startswith(' ') else tail
+    around = (tokenizer.encode(head, bos=fmt.bos), tokenizer.encode(tail, bos=False))
+    whole = tokenizer.encode(render_prompt(fmt, prompt, system=system), bos=fmt.bos)
+    cache[key] = around if around[0] + list(ids) + around[1] == whole else None
+  return cache[key]
 
 
 def answer_ids(fmt: ChatFormat, tokenizer, answer: str) -> list[int]:

@@ -174,3 +174,42 @@ def test_runner_renders_the_format_and_stops_at_the_end_of_turn(smol, monkeypatc
   assert seen['eos_id'] == 2 and seen['prompts'][0] == chat.prompt_ids(runner.format, smol, 'Hi')
   ctx, cont = runner.split_pair('Pick one:', ' B')
   assert ctx == chat.prompt_ids(runner.format, smol, 'Pick one:') and smol.decode(cont) == ' B'
+
+
+@pytest.mark.parametrize('name', ['mistral', 'chatml', 'llama3', 'none'])
+def test_counted_prompt_tokens_splice_into_the_whole_turn(name, mistral, smol, llama3):
+  """A task under a token budget hands its counted prompt tokens on (Example.prompt_ids);
+  prompt_ids splices them between the tokens around the prompt. The result must be the
+  tokenization of the whole rendered turn, for every task that counts and every format, and
+  the splice must really be used (not the fallback) where the tokenizer allows it."""
+  tok = {'mistral': mistral, 'chatml': smol, 'llama3': llama3[0], 'none': mistral}[name]
+  fmt = chat.get_format(name)
+  examples = [make_task('simple_kv', tok, num_tokens=n, num_dicts=None, gold_position=0.5).example(1, i)
+              for n, i in ((200, 0), (600, 1), (300, 2))]
+  examples += [make_task('multisubkey_kv', tok, num_tokens=400, num_dicts=None).example(2, 0),
+               make_task('niah', tok, num_tokens=500).example(3, 0)]
+  for ex in examples:
+    assert ex.prompt_ids is not None and len(ex.prompt_ids) == ex.num_tokens
+    whole = tok.encode(render_prompt(fmt, ex.prompt), bos=fmt.bos)
+    assert chat.prompt_ids(fmt, tok, ex.prompt, ids=ex.prompt_ids) == whole
+    assert prompt_ids(ex, tok, fmt) == whole
+  # spliced, not re-tokenized; except that the Llama-3-style tokenizer here (SmolLM2's
+  # GPT-2 pre-tokenizer) reads '\n\n' alone as one token but '\n\nDo' as '\n' '\n' 'Do', so
+  # its check fails and it falls back
+  assert (chat._SPLICES[tok][(fmt, None)] is None) == (name == 'llama3')
+  # the record of an example (export, predictions) does not carry the tokens
+  assert 'prompt_ids' not in examples[0].to_dict()
+
+
+def test_a_splice_that_would_change_the_tokens_falls_back(mistral):
+  """Sentencepiece gives 'Extract' after ChatML's newline no leading-space piece, unlike the
+  prompt tokenized on its own: the check sees it and the whole turn is tokenized."""
+  chatml = chat.get_format('chatml')
+  ex = make_task('simple_kv', mistral, num_tokens=200, num_dicts=None).example(0, 0)
+  whole = mistral.encode(render_prompt(chatml, ex.prompt), bos=False)
+  chat._SPLICES.pop(mistral, None)
+  assert chat.prompt_ids(chatml, mistral, ex.prompt, ids=ex.prompt_ids) == whole
+  assert chat._SPLICES[mistral][(chatml, None)] is None
+  # and a prompt with edge whitespace never splices
+  assert chat.prompt_ids(chatml, mistral, ex.prompt + ' ', ids=ex.prompt_ids) == \
+      mistral.encode(render_prompt(chatml, ex.prompt + ' '), bos=False)

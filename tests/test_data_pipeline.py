@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxlm.data import TaskConfigError
 from jaxlm.data.pipeline import DataConfig, make_dataset, to_features
+from jaxlm.data.kv import PREFIX
 from jaxlm.data.tasks import make_task
 from jaxlm.model import get_config, init_model
 from jaxlm.tokenizer import Tokenizer
@@ -234,3 +235,32 @@ def test_each_prompt_is_tokenized_once_without_a_budget(tok):
   it = iter(make_dataset(cfg, counting))
   take(it, 3)
   assert len(counting.prompts) == 6 == len(set(counting.prompts))
+
+
+def test_each_prompt_is_tokenized_once_under_a_budget(tok):
+  """Under a token budget the task counts each prompt; the features reuse those tokens.
+  Every candidate prompt text is encoded once; the whole chat-formatted turn is encoded once
+  in all (the check that splicing reproduces it)."""
+  class Counting:
+    def __init__(self, inner):
+      self.inner, self.texts = inner, []
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+    def encode(self, text, **kw):
+      self.texts.append(text)
+      return self.inner.encode(text, **kw)
+
+  counting = Counting(tok)
+  cfg = config(task_fields={'num_tokens': 300, 'num_dicts': None}, seq_len=512)
+  it = iter(make_dataset(cfg, counting))
+  start = len(counting.texts)   # after the task's start-up budget checks
+  batches = take(it, 3)
+  texts = counting.texts[start:]
+  prompts = [t for t in texts if t.startswith(PREFIX)]
+  formatted = [t for t in texts if t.startswith('[INST] ' + PREFIX)]
+  assert len(prompts) >= 6 and len(prompts) == len(set(prompts))
+  assert len(formatted) == 1
+  assert all(b['inputs'].shape == (2, 512) for b in batches)
+  # (that the spliced tokens are the whole turn's: tests/test_chat.py)

@@ -28,7 +28,9 @@ class Example:
   the number of such units, position the gold unit's relative depth in [0, 1].
   num_tokens counts the prompt's tokens (no bos, no chat formatting) under the
   task's tokenizer when the task has a token budget (`num_tokens`), and is None
-  otherwise: a prompt is then tokenized once, by whoever reads it.
+  otherwise. prompt_ids holds those counted tokens (None without a budget), so that the
+  pipeline does not tokenize the prompt again (jaxlm.chat.prompt_ids); it is not part
+  of the example's record (`to_dict`) and not compared.
   """
   task: str
   prompt: str
@@ -41,9 +43,13 @@ class Example:
   num_tokens: int | None
   seed: int
   index: int
+  prompt_ids: tuple[int, ...] | None = dataclasses.field(default=None, repr=False,
+                                                         compare=False)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    del d['prompt_ids']
+    return d
 
 
 def example_rng(task: str, seed: int, index: int, attempt: int = 0) -> np.random.Generator:

@@ -41,18 +41,20 @@ def resolve_chat_format(chat_format, tokenizer) -> chat.ChatFormat:
 def prompt_ids(example: Example, tokenizer, chat_format) -> list[int]:
   """[bos] + the (chat-formatted) prompt: what a model sees before it answers."""
   fmt = resolve_chat_format(chat_format, tokenizer)
-  return chat.prompt_ids(fmt, tokenizer, example.prompt)
+  return chat.prompt_ids(fmt, tokenizer, example.prompt, ids=example.prompt_ids)
 
 
-def conversation_features(turns: Sequence[tuple[str, str]], tokenizer, chat_format
-                          ) -> dict[str, np.ndarray]:
+def conversation_features(turns: Sequence[tuple[str, str]], tokenizer, chat_format, *,
+                          prompt_ids=None) -> dict[str, np.ndarray]:
   """Next-token features of (question, answer) turns, the first question being the prompt;
   the loss mask is 1 exactly where the target is an answer token or the end-of-turn token
-  that closes it."""
+  that closes it. `prompt_ids`: the prompt's own tokens when a task counted them
+  (Example.prompt_ids), so that it is not tokenized again."""
   fmt = resolve_chat_format(chat_format, tokenizer)
   tokens, labelled = [], []
   for i, (question, answer) in enumerate(turns):   # e.g. Mistral: [INST] q [/INST]a</s>
-    q = (chat.prompt_ids if i == 0 else chat.turn_ids)(fmt, tokenizer, question)
+    q = (chat.prompt_ids(fmt, tokenizer, question, ids=prompt_ids) if i == 0 else
+         chat.turn_ids(fmt, tokenizer, question))
     a = chat.answer_ids(fmt, tokenizer, answer)
     tokens += q + a
     labelled += [0] * len(q) + [1] * len(a)
@@ -63,4 +65,5 @@ def conversation_features(turns: Sequence[tuple[str, str]], tokenizer, chat_form
 
 def to_features(example: Example, tokenizer, chat_format) -> dict[str, np.ndarray]:
   """Next-token features of the example's prompt and answer (`conversation_features`)."""
-  return conversation_features([(example.prompt, example.answer)], tokenizer, chat_format)
+  return conversation_features([(example.prompt, example.answer)], tokenizer, chat_format,
+                               prompt_ids=example.prompt_ids)

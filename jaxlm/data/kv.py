@@ -125,8 +125,11 @@ class _DictTask:
   def _key_json(self, gold): ...
 
   # --- shared ---------------------------------------------------------------------------
+  def _ids(self, text: str) -> tuple[int, ...]:
+    return tuple(self.tokenizer.encode(text, bos=False))
+
   def _count(self, text: str) -> int:
-    return len(self.tokenizer.encode(text, bos=False))
+    return len(self._ids(text))
 
   def _check_budget(self):
     """Fail at config time when no prompt can fit, or a fixed gold index may not exist."""
@@ -210,7 +213,8 @@ class _DictTask:
       prompt = self._prompt_text(lines, question)
       # counted only under a token budget: the pipeline tokenizes the (chat-formatted)
       # prompt itself, so a budget-free prompt is tokenized once
-      num_tokens = self._count(prompt) if c.num_tokens is not None else None
+      ids = self._ids(prompt) if c.num_tokens is not None else None
+      num_tokens = None if ids is None else len(ids)
       if num_dicts is not None or num_tokens <= c.num_tokens or n == 1:
         break
       n -= 1            # the per-line estimate was short: drop a distractor and recount
@@ -221,7 +225,7 @@ class _DictTask:
     return Example(task=self.name, prompt=prompt, answer=self._answer(gold, g),
                    gold_key=self._key_json(gold), gold_value=int(gold[1]), gold_dict=g,
                    num_dicts=n, position=common.relative_position(g, n),
-                   num_tokens=num_tokens, seed=seed, index=index), dicts, gold
+                   num_tokens=num_tokens, seed=seed, index=index, prompt_ids=ids), dicts, gold
 
   def _fill(self, rng, gold, gold_line, question, used):
     """Distractor bodies and the number of dictionaries that fit num_tokens."""

@@ -127,7 +127,8 @@ class NIAH:
     while True:
       units = filler[:g - 1] + [needle] + filler[g - 1:n - 1]
       prompt = self._prompt(units, question)
-      num_tokens = self._count(prompt) if c.num_tokens is not None else None   # (kv.py)
+      ids = tuple(self.tokenizer.encode(prompt, bos=False)) if c.num_tokens is not None else None
+      num_tokens = None if ids is None else len(ids)   # (kv.py)
       if c.num_tokens is None or num_tokens <= c.num_tokens or n == 1:
         break
       n -= 1
@@ -136,4 +137,4 @@ class NIAH:
                    answer=f'The special magic number for {key} is {gold[1]}.',
                    gold_key=key, gold_value=gold[1], gold_dict=g, num_dicts=n,
                    position=common.relative_position(g, n), num_tokens=num_tokens,
-                   seed=seed, index=index)
+                   seed=seed, index=index, prompt_ids=ids)

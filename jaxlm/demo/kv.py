@@ -36,7 +36,7 @@ class DemoExample(Example):
   turns: tuple = ()                   # more (question, answer) turns about the same prompt
 
   def to_dict(self):
-    d = dataclasses.asdict(self)
+    d = super().to_dict()
     if not d['turns']:
       del d['turns']
     return d
@@ -101,4 +101,4 @@ class DemoKV(SimpleKV):
   def to_features(self, example, tokenizer, chat_format):
     """Features of the first turn and the extra turns (the pipeline calls this)."""
     turns = [(example.prompt, example.answer), *getattr(example, 'turns', ())]
-    return conversation_features(turns, tokenizer, chat_format)
+    return conversation_features(turns, tokenizer, chat_format, prompt_ids=example.prompt_ids)

@@ -33,7 +33,8 @@ def evaluate_retrieval(model, tokenizer, task: str, task_fields: dict[str, Any],
   # One generate call for every position: the runner batches prompts of similar length
   # together, so batches are full and padded little.
   outputs = runner.generate([ex.prompt for _, ex in examples], max_new_tokens=max_new_tokens,
-                            label=f'{task} positions {list(positions)}')
+                            label=f'{task} positions {list(positions)}',
+                            prompt_ids=[ex.prompt_ids for _, ex in examples])
   rows, samples, all_scores, predictions = [], [], [], []
   for position in positions:
     scores = []

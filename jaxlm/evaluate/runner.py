@@ -74,13 +74,17 @@ class Runner:
     self.stats = {'prefill_tokens': 0, 'decode_tokens': 0, 'generate_s': 0.0,
                   'loglik_tokens': 0, 'loglik_s': 0.0}
 
-  def encode_prompt(self, prompt: str) -> list[int]:
-    return chat.prompt_ids(self.format, self.tokenizer, prompt)
+  def encode_prompt(self, prompt: str, ids=None) -> list[int]:
+    return chat.prompt_ids(self.format, self.tokenizer, prompt, ids=ids)
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int,
-               stop: Sequence[str] = (), label: str = 'generate') -> list[str]:
-    """Greedy completions of `prompts` (chat-formatted here), cut at the first stop string."""
-    ids = [self.encode_prompt(p) for p in prompts]
+               stop: Sequence[str] = (), label: str = 'generate',
+               prompt_ids: Sequence | None = None) -> list[str]:
+    """Greedy completions of `prompts` (chat-formatted here), cut at the first stop string.
+    `prompt_ids`: each prompt's own tokens where the caller has them (Example.prompt_ids;
+    None entries are tokenized here)."""
+    ids = [self.encode_prompt(p, i) for p, i in
+           zip(prompts, prompt_ids if prompt_ids is not None else [None] * len(prompts))]
     for i, p in enumerate(ids):
       if len(p) + max_new_tokens > self.max_len:
         raise ValueError(f'prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} '
