@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3
   c.train.peak_flops_per_device = 0.0   # 0: look the chip up in jaxlm.flops.PEAK_FLOPS
+  c.train.on_nonfinite = 'stop'     # a step with a non-finite loss or gradient norm applies
+                                    # nothing; 'stop' ends the run, 'skip' goes on
+  c.train.max_skipped_steps = 10    # 'skip': this many skipped steps in a row stop the run
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                  # 0: only at the end
@@ -78,4 +81,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict()
   c.debug.kill_at_step = 0          # fault injection for resume tests: SIGKILL after this step
   c.debug.sigterm_at_step = 0       # ... or SIGTERM (preemption)
+  c.debug.sigint_at_step = 0        # ... or SIGINT (Ctrl-C)
   return c

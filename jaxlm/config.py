@@ -115,6 +115,7 @@ def mesh_sizes(c, num_devices: int, num_slices: int = 1) -> dict[str, int]:
 def validate(c, cfg: MistralConfig, num_devices: int, num_slices: int = 1
              ) -> tuple[int, ...]:
   """Start-up checks with clear errors; returns the resolved mesh shape."""
+  check_values(c)
   if c.mesh.devices:
     if c.mesh.devices > num_devices:
       raise ConfigError(f'mesh.devices={c.mesh.devices} but only {num_devices} devices exist')
@@ -143,12 +144,74 @@ def validate(c, cfg: MistralConfig, num_devices: int, num_slices: int = 1
   hook = init_hook(c)
   if hook is not None and hasattr(hook, 'check'):   # the hook's own config fields
     hook.check(c)
-  if t.loss_positions < 0:
-    raise ConfigError(f'train.loss_positions={t.loss_positions} must be >= 0')
-  if t.steps <= 0 or t.warmup_steps < 0:
-    raise ConfigError(f'train.steps={t.steps} must be positive, train.warmup_steps='
-                      f'{t.warmup_steps} non-negative')
   return tuple(sizes.values())
+
+
+# field: (test, what it must be)
+_POSITIVE = (lambda v: v >= 1, 'a positive integer')
+_NON_NEGATIVE = (lambda v: v >= 0, '>= 0')
+_VALUES = {
+    'train.steps': _POSITIVE, 'train.batch_size': _POSITIVE, 'train.grad_accum': _POSITIVE,
+    'train.log_every': _POSITIVE, 'train.checkpoint_every': _POSITIVE,
+    'train.keep_checkpoints': _POSITIVE, 'train.warmup_steps': _NON_NEGATIVE,
+    'train.loss_positions': _NON_NEGATIVE, 'train.lr': (lambda v: 0 <= v < float('inf'),
+                                                        'finite and >= 0'),
+    'train.end_lr_frac': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'train.clip_norm': _NON_NEGATIVE, 'train.weight_decay': _NON_NEGATIVE,
+    'train.b1': (lambda v: 0 <= v < 1, 'in [0, 1)'), 'train.b2': (lambda v: 0 <= v < 1,
+                                                                  'in [0, 1)'),
+    'train.eps': (lambda v: v > 0, '> 0'),
+    'train.on_nonfinite': (lambda v: v in ('stop', 'skip'), "'stop' or 'skip'"),
+    'train.max_skipped_steps': _POSITIVE,
+    'eval.every': _NON_NEGATIVE, 'eval.per_position': _NON_NEGATIVE,
+    'eval.batch_size': _POSITIVE, 'eval.max_new_tokens': _POSITIVE,
+    'data.seq_len': _POSITIVE, 'data.num_epochs': _POSITIVE,
+    'data.num_packing_bins': _POSITIVE, 'data.num_threads': _NON_NEGATIVE,
+    'data.num_workers': _NON_NEGATIVE,
+    'data.num_examples': (lambda v: v is None or v >= 1, 'None or a positive integer'),
+}
+
+
+def check_values(c) -> None:
+  """Each field's own range (`config error: FIELD=VALUE: must be ...`), before anything is
+  built; fields a config does not have are skipped."""
+  for field, (ok, must) in _VALUES.items():
+    section, name = field.split('.')
+    if section not in c or name not in c[section]:
+      continue
+    v = c[section][name]
+    try:
+      good = ok(v)
+    except TypeError:
+      good = False
+    if not good or isinstance(v, bool):
+      raise ConfigError(f'{field}={v!r}: must be {must}')
+
+
+def check_data(c, tokenizer) -> None:
+  """The training and evaluation tasks build with their fields, and the chat format fits
+  the tokenizer (each a ConfigError naming the field), before anything is written."""
+  from jaxlm.data.common import TaskConfigError
+  from jaxlm.data.pipeline import DataConfig, resolve_chat_format
+  from jaxlm.data.tasks import eval_task, make_task
+  try:
+    data = DataConfig.from_dict({**c.data.to_dict(), 'global_batch_size': c.train.batch_size})
+  except TaskConfigError as e:
+    raise ConfigError(f'config.data: {e}') from None
+  where = f'data.task={data.task!r}'
+  try:
+    make_task(data.task, tokenizer, **dict(data.task_fields))
+    if c.eval.per_position and c.eval.positions:
+      name, fields = eval_task(c)
+      where = f'eval.task={name!r}'
+      for p in c.eval.positions:
+        make_task(name, tokenizer, **{**fields, 'gold_position': p})
+    where = f'data.chat_format={data.chat_format!r}'
+    resolve_chat_format(data.chat_format, tokenizer)
+  except (TaskConfigError, KeyError) as e:
+    raise ConfigError(f'{where}: {e}') from None
+  if data.on_long not in ('error', 'skip'):
+    raise ConfigError(f"data.on_long={data.on_long!r}: must be 'error' or 'skip'")
 
 
 def run_devices(c, devices=None) -> list:

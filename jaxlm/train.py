@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -41,6 +42,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
 from jaxlm import convert, flops
 from jaxlm import sharding as shd
+from jaxlm import workdir as workdir_lib
 from jaxlm.data.pipeline import DataConfig, make_dataset
 from jaxlm.model import init_model
 # Moved to jaxlm.config and jaxlm.checkpoint; kept here for scripts that import them from
@@ -61,6 +63,10 @@ def _define_flags() -> None:
                                           'run directory (checkpoints, metrics, outputs)')
   _FLAGS['aot_only'] = flags.DEFINE_boolean('aot_only', False,
                                             'compile the train step, report memory, exit')
+  _FLAGS['restart'] = flags.DEFINE_boolean(
+      'restart', False, 'start WORKDIR over: the run in it moves to WORKDIR/previous/<time>/')
+  _FLAGS['reevaluate'] = flags.DEFINE_boolean(
+      'reevaluate', False, 'a finished run: evaluate and export it again')
   _FLAGS['topology'] = flags.DEFINE_string(
       'topology', None, 'with --aot_only: compile for a TPU topology (v5p-32, v5e-16, v6e-8, '
       '2xv5p-32 for two slices) instead of this machine; needs libtpu')
@@ -119,8 +125,11 @@ def loss_sums(model, batch, loss_positions: int = 0):
 def make_train_step(graphdef, grad_accum: int, schedule, loss_positions: int = 0):
   """step(state, batch) -> (state, metrics): the gradient of the answer loss summed over
   grad_accum micro-batches and divided by the answer-token count once (accumulation does
-  not change the result), then the optimizer's update."""
+  not change the result), then the optimizer's update, applied only when the loss and the
+  gradient norm are finite (metrics['skipped'] is 1 and the state is returned unchanged
+  otherwise; the loop decides whether to stop)."""
   def train_step(state, batch):
+    before = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
@@ -139,11 +148,16 @@ def make_train_step(graphdef, grad_accum: int, schedule, loss_positions: int = 0
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     step = optimizer.step[...]
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     optimizer.update(model, grads)
+    after = nnx.state((model, optimizer))
+    # a non-finite step changes nothing (an elementwise select: fused into the update)
+    kept = [jnp.where(finite, a, b) for a, b in zip(jax.tree.leaves(after), before)]
     metrics = {'loss': loss / denom, 'token_accuracy': correct / denom,
-               'answer_tokens': count, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(step)}
-    return nnx.state((model, optimizer)), metrics
+               'answer_tokens': count, 'grad_norm': grad_norm, 'lr': schedule(step),
+               'skipped': 1.0 - finite.astype(jnp.float32)}
+    return jax.tree.unflatten(jax.tree.structure(after), kept), metrics
   return train_step
 
 
@@ -255,15 +269,43 @@ class _Run:
     return nnx.merge(self.graphdef, self.state)[0]
 
 
-def _build(c, workdir: str, log) -> _Run:
-  """Mesh, tokenizer, initial model and optimizer placed in their shardings, the step."""
+def _check(c, workdir: str):
+  """Every start-up check, before any file is written or anything compiled: the workdir,
+  the config's values, the model, the mesh, the tokenizer against the model, the tasks and
+  the chat format. Returns (model config, mesh, mesh shape, tokenizer)."""
   cfg = model_config(c)
-  mesh, shape = config_lib.run_mesh(c, cfg)
+  mesh, shape = config_lib.run_mesh(c, cfg)    # validate(): every field's value included
   tokenizer = load_run_tokenizer(c)
-  tokenizer.check_model(cfg)
+  try:
+    tokenizer.check_model(cfg)
+  except ValueError as e:
+    raise ConfigError(f'tokenizer={c.tokenizer or c.init_from!r}: {e}') from None
+  config_lib.check_data(c, tokenizer)
+  workdir_lib.check_path(workdir)   # last: it creates the (empty) directory
+  return cfg, mesh, shape, tokenizer
+
+
+def _claim(c, workdir: str, restart: bool, log) -> None:
+  """Make `workdir` this run's: --restart sets an old run aside; otherwise its config must
+  be this run's (workdir.check_resume) and allowed changes are logged."""
+  if restart:
+    if jax.process_index() == 0 and (moved := workdir_lib.set_aside(workdir)):
+      log(f'[train] --restart: moved the previous run in {workdir} to {moved}')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('jaxlm: workdir set aside')
+    return
+  for note in workdir_lib.check_resume(workdir, c):
+    log(f'[train] {note}')
+
+
+def _build(c, checked, workdir: str, log) -> _Run:
+  """The initial model and optimizer placed in their shardings, the jitted step; writes
+  WORKDIR/config.json."""
+  cfg, mesh, shape, tokenizer = checked
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(os.path.join(workdir, workdir_lib.CONFIG), 'w') as f:
       f.write(c.to_json(indent=2))
   schedule, step_maker = _step_maker(c)
   hook = config_lib.init_hook(c)
@@ -288,9 +330,11 @@ def _build(c, workdir: str, log) -> _Run:
 
 
 def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = None,
-          log=_print) -> dict[str, Any]:
+          restart: bool = False, reevaluate: bool = False, log=_print) -> dict[str, Any]:
   """Train (or resume) the run `c` in `workdir`; returns a summary dict (step, loss, eval,
-  final state)."""
+  final state). A run that already finished returns {'finished': True, ...} without work
+  unless `reevaluate` (its final evaluation and export again); `restart` sets an existing
+  run in `workdir` aside and starts over (jaxlm.workdir)."""
   if topology and not aot_only:
     raise ConfigError(f'--topology={topology} only applies with --aot_only (it compiles for '
                       f'TPUs that are not here)')
@@ -300,7 +344,15 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
     initialize_distributed()
   if jax.process_index() != 0:
     log = lambda line: None   # one console, written by process 0
-  run = _build(c, workdir, log)
+  checked = _check(c, workdir)
+  _claim(c, workdir, restart, log)
+  done = workdir_lib.finished_step(workdir)
+  if done is not None and done >= c.train.steps and not reevaluate:
+    log(f'[train] the run in {workdir} finished at step {done} ({workdir_lib.FINISHED}); '
+        f'nothing to do (--reevaluate evaluates and exports it again; a larger '
+        f'train.steps trains on)')
+    return {'finished': True, 'start_step': done, 'step': done}
+  run = _build(c, checked, workdir, log)
   data_cfg = DataConfig.from_dict({**c.data.to_dict(), 'global_batch_size': c.train.batch_size})
   data_iter = iter(make_dataset(data_cfg, run.tokenizer, process_index=jax.process_index(),
                                 process_count=jax.process_count()))
@@ -357,42 +409,126 @@ class _Clock:
 
 
 def _loop(c, run, data_iter, mngr, writer, workdir, start, result, log) -> None:
-  """Steps start+1 .. train.steps: log, evaluate, checkpoint; SIGTERM saves and stops.
-  The loss is read one step late, so that the host builds the next batch while the device
-  runs this step; a step is settled before it is logged, evaluated or saved, so a
-  non-finite loss never reaches a checkpoint."""
-  t, stop = c.train, {'signal': None}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal='SIGTERM'))
-  clock, step, pending = _Clock(c, run, start), start, None
+  """Steps start+1 .. train.steps: log, evaluate, checkpoint; SIGTERM or Ctrl-C saves and
+  stops (a second Ctrl-C aborts). Each step's loss and gradient norm are read one step
+  late (_Guard), so that the host builds the next batch while the device runs this step;
+  a step is settled before it is logged, evaluated or saved, and the state is checked
+  before each save, so nothing non-finite reaches a checkpoint."""
+  t = c.train
+  stop = _StopSignals(log)
+  clock, step, guard = _Clock(c, run, start), start, _Guard(c, mngr, workdir, log)
   zigzag = _zigzag_permutation(c, run)
   try:
     while step < t.steps:
       run.state, metrics = run.step_fn(run.state, _next_batch(c, run, data_iter, step + 1,
                                                               zigzag))
       step += 1
-      pending = _settle(pending, mngr, workdir)
-      pending = (step, metrics['loss'])
+      guard.push(step, metrics)
       if step % t.log_every == 0 or step == t.steps:
-        pending = _settle(pending, mngr, workdir)
+        guard.settle()
         m, line = clock.line(step, metrics)
         writer.write(step, m)
         log(line)
         result['loss'] = m['loss']
       if c.eval.every and step % c.eval.every == 0 and step < t.steps:
-        pending = _settle(pending, mngr, workdir)
+        guard.settle()
         _evaluate(c, run.model, run.tokenizer, workdir, step, writer, log)
         clock.reset(step)
       _inject_faults(c, step, mngr)
-      if step % t.checkpoint_every == 0 or step == t.steps or stop['signal']:
-        pending = _settle(pending, mngr, workdir)
+      if step % t.checkpoint_every == 0 or step == t.steps or stop.signal:
+        guard.settle()
+        guard.check_state(run, step)
         ckpt.save(mngr, step, run.state, data_iter)
-      if stop['signal']:
-        log(f'[train] {stop["signal"]}: saved the checkpoint at step {step}; exiting')
-        result['stopped'] = stop['signal']
+      if stop.signal:
+        log(f'[train] {stop.signal}: saved the checkpoint at step {step}; exiting')
+        result['stopped'] = stop.signal
         break
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    stop.restore()
     result['step'] = step
+    result['skipped_steps'] = guard.skipped
+
+
+class _StopSignals:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save and stop after the
+  current step; a second Ctrl-C raises KeyboardInterrupt at once (nothing saved)."""
+
+  def __init__(self, log):
+    self.signal, self.log = None, log
+    self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self.signal == 'SIGINT':
+      raise KeyboardInterrupt('a second Ctrl-C: aborted without saving')
+    self.signal = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      self.log('[train] Ctrl-C: saving a checkpoint after this step and stopping '
+               '(Ctrl-C again aborts without saving)')
+
+  def restore(self):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+
+
+class NonFiniteError(FloatingPointError):
+  """A step with a non-finite loss or gradient norm (its update was not applied), or a
+  non-finite state before a save; names the step and the last finite checkpoint."""
+
+
+class _Guard:
+  """Reads each dispatched step's loss and gradient norm one step late and acts on a
+  non-finite step, whose update the step did not apply: train.on_nonfinite='stop' ends the
+  run; 'skip' logs it and goes on, unless train.max_skipped_steps steps in a row were
+  skipped. check_state() is the final check before a save."""
+
+  def __init__(self, c, mngr, workdir: str, log):
+    self.c, self.mngr, self.workdir, self.log = c, mngr, workdir, log
+    self.pending, self.skipped, self.in_a_row = None, 0, 0
+    self._finite = None
+
+  def push(self, step: int, metrics) -> None:
+    self.settle()
+    self.pending = (step, metrics)
+
+  def settle(self) -> None:
+    if self.pending is None:
+      return
+    (step, m), self.pending = self.pending, None
+    loss, gnorm, skipped = (float(x) for x in jax.device_get(
+        (m['loss'], m['grad_norm'], m['skipped'])))
+    if not skipped and math.isfinite(loss) and math.isfinite(gnorm):
+      self.in_a_row = 0
+      return
+    self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+    what = (f'non-finite {"loss" if not math.isfinite(loss) else "gradient norm"} at step '
+            f'{step} (loss {loss}, gradient norm {gnorm}); its update was not applied')
+    t = self.c.train
+    if t.on_nonfinite == 'skip' and self.in_a_row < t.max_skipped_steps:
+      self.log(f'[train] WARNING: {what}; skipped ({self.skipped} steps skipped so far)')
+      return
+    why = (f' ({self.in_a_row} in a row = train.max_skipped_steps)'
+           if t.on_nonfinite == 'skip' else '')
+    raise NonFiniteError(f'{what}; the run stops{why}. {self._last()}')
+
+  def _last(self) -> str:
+    self.mngr.wait_until_finished()
+    last = self.mngr.latest_step()
+    if last is None:
+      return 'No checkpoint was saved yet: a rerun starts from step 0.'
+    return (f'The last finite checkpoint is step {last} in {self.workdir}/checkpoints; it '
+            f'resumes cleanly (lower train.lr, or train.on_nonfinite=\'skip\').')
+
+  def check_state(self, run, step: int) -> None:
+    """Every floating-point value of the state is finite (else NonFiniteError, not saved)."""
+    if self._finite is None:
+      def finite(state):
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.stack(leaves))
+      self._finite = jax.jit(finite)
+    if not bool(self._finite(run.state)):
+      raise NonFiniteError(f'the state after step {step} holds non-finite values; it was not '
+                           f'saved and the run stops. {self._last()}')
 
 
 def _next_batch(c, run, data_iter, step: int, zigzag) -> dict[str, jax.Array]:
@@ -420,12 +556,15 @@ def _zigzag_permutation(c, run) -> np.ndarray | None:
 
 
 def _inject_faults(c, step: int, mngr) -> None:
-  """debug.kill_at_step / sigterm_at_step: crash or preemption for the resume tests."""
+  """debug.kill_at_step / sigterm_at_step / sigint_at_step: a crash, a preemption or a
+  Ctrl-C after that step, for the resume tests."""
   if c.debug.kill_at_step and step == c.debug.kill_at_step:
     mngr.wait_until_finished()
     os.kill(os.getpid(), signal.SIGKILL)
   if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
     os.kill(os.getpid(), signal.SIGTERM)
+  if c.debug.get('sigint_at_step') and step == c.debug.sigint_at_step:
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _finish(c, run, workdir: str, result, log) -> None:
@@ -439,6 +578,8 @@ def _finish(c, run, workdir: str, result, log) -> None:
     if jax.process_index() == 0:
       run.tokenizer.save_hf(os.path.join(workdir, 'hf'))
     log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf')
+  if jax.process_index() == 0:
+    workdir_lib.mark_finished(workdir, result['step'])
 
 
 def _check_answer_tokens(loss_mask, k: int, step: int) -> None:
@@ -446,15 +587,6 @@ def _check_answer_tokens(loss_mask, k: int, step: int) -> None:
   if k and (n := int(np.asarray(loss_mask).sum(axis=1).max())) > k:
     raise ConfigError(f'train.loss_positions={k} but a row of the batch for step {step} has '
                       f'{n} answer tokens; raise it (0: logits at every position)')
-
-
-def _settle(pending, mngr, workdir: str) -> None:
-  """Read the loss of a dispatched step, `pending` = (step, loss) or None, and stop on
-  a non-finite one; returns None (nothing is pending afterwards)."""
-  if pending is not None and not math.isfinite(loss := float(pending[1])):
-    raise FloatingPointError(
-        f'non-finite loss {loss} at step {pending[0]}; stopping. The last good checkpoint '
-        f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints')
 
 
 def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False, before=False):
@@ -494,19 +626,52 @@ def _evaluate(c, model, tokenizer, workdir, step, writer, log, final=False, befo
   return result
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a config that cannot load or an unknown or malformed
+  --config.FIELD reported in one line (`config error: ...`), not a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _FLAGS['config'].value is None:
+      sys.exit('config error: --config=configs/NAME.py is required')
+    _FLAGS['config'].value.keys()   # a config that failed to load raises here
+    return rest
+  except flags.Error as e:          # e.g. --config.train.steps=abc
+    sys.exit(f'config error: {e}')
+  except OSError as e:              # the config file is missing or fails to load
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
+    cause = e.__cause__ or e
+    sys.exit(f'config error: --config={path}: cannot load it ({type(cause).__name__}: '
+             f'{str(cause).splitlines()[-1].strip() if str(cause) else cause})')
+  except (AttributeError, KeyError) as e:   # ml_collections: no such --config.FIELD
+    field = next((a for a in argv if a.startswith('--config.')
+                  and re.search(rf"\b{re.escape(a.split('=')[0].rsplit('.', 1)[-1])}\b",
+                                str(e).split('Did you mean')[0])), '--config.?')
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    sys.exit(f'config error: {field}: no such config field'
+             + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if _FLAGS['config'].value is None:
-    raise app.UsageError('--config=configs/NAME.py is required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save step at INFO
   workdir = _FLAGS['workdir'].value or os.environ.get('WORKDIR') or 'runs/default'
   try:
     train(_FLAGS['config'].value, workdir, aot_only=_FLAGS['aot_only'].value,
-          topology=_FLAGS['topology'].value)
+          topology=_FLAGS['topology'].value, restart=_FLAGS['restart'].value,
+          reevaluate=_FLAGS['reevaluate'].value)
   except ConfigError as e:
     sys.exit(f'config error: {e}')
+  except workdir_lib.PathError as e:
+    sys.exit(f'path error: {e}')
+  except ckpt.CheckpointMismatchError as e:
+    sys.exit(f'checkpoint error: {e}')
+  except NonFiniteError as e:
+    sys.exit(f'training stopped: {e}')
+  except KeyboardInterrupt as e:
+    print(f'[train] {e or "interrupted"}', file=sys.stderr)
+    sys.exit(130)
   except ValueError as e:   # jaxlm.aot.TopologyError: a bad --topology or no libtpu
     if type(e).__name__ != 'TopologyError':
       raise
@@ -515,4 +680,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
