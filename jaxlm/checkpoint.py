@@ -103,6 +103,8 @@ def restore(mngr, state, shardings, data_iter, log) -> int | None:
     step_dir = os.path.join(str(mngr.directory), str(step))
     try:
       saved = _saved_arrays(step_dir)
+      if not saved:   # what Orbax reads from a damaged state/_METADATA
+        raise ValueError(f'{step_dir}/state/_METADATA lists no arrays')
     except Exception as e:  # noqa: BLE001  (unreadable metadata: a damaged checkpoint)
       unreadable.append((step, step_dir, e))
       continue
