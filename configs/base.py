@@ -82,4 +82,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.debug.kill_at_step = 0          # fault injection for resume tests: SIGKILL after this step
   c.debug.sigterm_at_step = 0       # ... or SIGTERM (preemption)
   c.debug.sigint_at_step = 0        # ... or SIGINT (Ctrl-C)
+  c.debug.signal_process = -1       # the process those signals go to (-1: every process)
   return c

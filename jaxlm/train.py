@@ -52,6 +52,7 @@ from jaxlm.config import (ConfigError, RUN_FIELDS, load_config_file,  # noqa: F4
 from jaxlm.checkpoint import restore_model  # noqa: F401
 
 dataclass_fields = config_lib.run_fields
+BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'positions', 'segment_ids')
 _FLAGS: dict[str, Any] = {}
 
 
@@ -129,6 +130,8 @@ def make_train_step(graphdef, grad_accum: int, schedule, loss_positions: int = 0
   gradient norm are finite (metrics['skipped'] is 1 and the state is returned unchanged
   otherwise; the loop decides whether to stop)."""
   def train_step(state, batch):
+    batch = dict(batch)
+    stop = batch.pop('stop', None)   # several processes: one stop flag per device
     before = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
@@ -157,6 +160,8 @@ def make_train_step(graphdef, grad_accum: int, schedule, loss_positions: int = 0
     metrics = {'loss': loss / denom, 'token_accuracy': correct / denom,
                'answer_tokens': count, 'grad_norm': grad_norm, 'lr': schedule(step),
                'skipped': 1.0 - finite.astype(jnp.float32)}
+    if stop is not None:   # the same on every process: a collective over the devices
+      metrics['stop'] = jnp.max(stop).astype(jnp.float32)
     return jax.tree.unflatten(jax.tree.structure(after), kept), metrics
   return train_step
 
@@ -324,7 +329,10 @@ def _build(c, checked, workdir: str, log) -> _Run:
   state = jax.device_put(state, shardings)
   seq_sharded = shape[shd.MESH_AXES.index('context')] > 1
   batch_sharding = NamedSharding(mesh, shd.batch_spec(seq_sharded))
-  step_fn = jax.jit(step_maker(graphdef), in_shardings=(shardings, batch_sharding),
+  in_batch = {k: batch_sharding for k in BATCH_KEYS}
+  if jax.process_count() > 1:   # the stop flag (see _loop): one element per device
+    in_batch['stop'] = NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+  step_fn = jax.jit(step_maker(graphdef), in_shardings=(shardings, in_batch),
                     out_shardings=(shardings, None), donate_argnums=0)
   return _Run(cfg, mesh, tokenizer, graphdef, state, shardings, batch_sharding, step_fn)
 
@@ -396,7 +404,7 @@ class _Clock:
     dt = (now - self.time) / max(1, step - self.step)
     self.reset(step)
     t = self.c.train
-    m = {k: float(v) for k, v in metrics.items()}
+    m = {k: float(v) for k, v in metrics.items() if k != 'stop'}
     m.update(step_time=dt, tokens_per_s=self.tokens / dt,
              mfu=flops.mfu(self.tokens / dt, self.cfg, self.c.data.seq_len, self.devices,
                            self.peak, head_positions=t.loss_positions))
@@ -418,12 +426,16 @@ def _loop(c, run, data_iter, mngr, writer, workdir, start, result, log) -> None:
   stop = _StopSignals(log)
   clock, step, guard = _Clock(c, run, start), start, _Guard(c, mngr, workdir, log)
   zigzag = _zigzag_permutation(c, run)
+  one = jax.process_count() == 1
   try:
     while step < t.steps:
-      run.state, metrics = run.step_fn(run.state, _next_batch(c, run, data_iter, step + 1,
-                                                              zigzag))
+      batch = _next_batch(c, run, data_iter, step + 1, zigzag, stop=bool(stop.signal))
+      run.state, metrics = run.step_fn(run.state, batch)
       step += 1
       guard.push(step, metrics)
+      # One process stops at once; several stop together, when a step's stop flag (a max
+      # over every device) shows that any of them was signalled, read one step late.
+      stopping = stop.signal if one else guard.stop_requested
       if step % t.log_every == 0 or step == t.steps:
         guard.settle()
         m, line = clock.line(step, metrics)
@@ -435,13 +447,16 @@ def _loop(c, run, data_iter, mngr, writer, workdir, start, result, log) -> None:
         _evaluate(c, run.model, run.tokenizer, workdir, step, writer, log)
         clock.reset(step)
       _inject_faults(c, step, mngr)
-      if step % t.checkpoint_every == 0 or step == t.steps or stop.signal:
+      if not one and not stopping:
+        stopping = guard.stop_requested   # a settle above may have read the flag
+      if step % t.checkpoint_every == 0 or step == t.steps or stopping:
         guard.settle()
         guard.check_state(run, step)
         ckpt.save(mngr, step, run.state, data_iter)
-      if stop.signal:
-        log(f'[train] {stop.signal}: saved the checkpoint at step {step}; exiting')
-        result['stopped'] = stop.signal
+      if stopping:
+        name = stop.signal or 'a stop signal on another process'
+        log(f'[train] {name}: saved the checkpoint at step {step}; exiting')
+        result['stopped'] = name
         break
   finally:
     stop.restore()
@@ -484,6 +499,7 @@ class _Guard:
   def __init__(self, c, mngr, workdir: str, log):
     self.c, self.mngr, self.workdir, self.log = c, mngr, workdir, log
     self.pending, self.skipped, self.in_a_row = None, 0, 0
+    self.stop_requested = False   # several processes: a settled step's stop flag
     self._finite = None
 
   def push(self, step: int, metrics) -> None:
@@ -494,8 +510,9 @@ class _Guard:
     if self.pending is None:
       return
     (step, m), self.pending = self.pending, None
-    loss, gnorm, skipped = (float(x) for x in jax.device_get(
-        (m['loss'], m['grad_norm'], m['skipped'])))
+    loss, gnorm, skipped, stop = (float(x) for x in jax.device_get(
+        (m['loss'], m['grad_norm'], m['skipped'], m.get('stop', 0.0))))
+    self.stop_requested = self.stop_requested or stop > 0
     if not skipped and math.isfinite(loss) and math.isfinite(gnorm):
       self.in_a_row = 0
       return
@@ -531,10 +548,18 @@ class _Guard:
                            f'saved and the run stops. {self._last()}')
 
 
-def _next_batch(c, run, data_iter, step: int, zigzag) -> dict[str, jax.Array]:
-  """This process's rows of the next global batch, placed into the batch sharding."""
-  return {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
-          for k, v in _host_batch(c, data_iter, step, zigzag).items()}
+def _next_batch(c, run, data_iter, step: int, zigzag, stop: bool = False
+                ) -> dict[str, jax.Array]:
+  """This process's rows of the next global batch, placed into the batch sharding; with
+  several processes also this process's stop flag (one element per local device)."""
+  batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
+           for k, v in _host_batch(c, data_iter, step, zigzag).items()}
+  if jax.process_count() > 1:
+    sharding = NamedSharding(run.mesh, jax.sharding.PartitionSpec(run.mesh.axis_names))
+    n = len(run.mesh.local_devices)
+    batch['stop'] = jax.make_array_from_process_local_data(
+        sharding, np.full([n], int(stop), np.int32), (run.mesh.size,))
+  return batch
 
 
 def _host_batch(c, data_iter, step: int, zigzag) -> dict[str, np.ndarray]:
@@ -561,6 +586,8 @@ def _inject_faults(c, step: int, mngr) -> None:
   if c.debug.kill_at_step and step == c.debug.kill_at_step:
     mngr.wait_until_finished()
     os.kill(os.getpid(), signal.SIGKILL)
+  if c.debug.get('signal_process', -1) not in (-1, jax.process_index()):
+    return   # the signals below go to one process only
   if c.debug.sigterm_at_step and step == c.debug.sigterm_at_step:
     os.kill(os.getpid(), signal.SIGTERM)
   if c.debug.get('sigint_at_step') and step == c.debug.sigint_at_step:

@@ -51,10 +51,13 @@ remaining=$N
 # coordinator would otherwise hang in a collective until its timeout).
 while [ "$remaining" -gt 0 ]; do
   set +e
-  wait -n "${pids[@]}"
+  wait -n -p done_pid "${pids[@]}"
   rc=$?
   set -e
   remaining=$((remaining - 1))
+  left=()   # waited for: not waited for again
+  for p in "${pids[@]}"; do [ "$p" = "${done_pid:-}" ] || left+=("$p"); done
+  pids=("${left[@]}")
   if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
     status=$rc
     echo "[multiprocess] a process exited with status $rc; stopping the others" >&2

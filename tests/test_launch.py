@@ -42,15 +42,18 @@ def test_two_and_four_processes_match_one_and_resume_across_counts(tmp_path):
   assert step == ref_step == 6
   _close(params, ref_params)
 
-  # Two processes x 2 devices stop at step 3; one process on 4 devices resumes to 6 with
-  # the same data stream, and ends where the reference does.
+  # Two processes x 2 devices; only process 1 gets SIGTERM, after step 3. Both stop
+  # together (the stop flag travels with step 4, which is read when it is logged) with one
+  # checkpoint at step 4; one process on 4 devices resumes to 6 with the same data
+  # stream, and ends where the reference does.
   first = _launch('launch/multiprocess.sh', '2', 'tests/train_config.py',
-                  f'--workdir={tmp_path}/two', '--config.train.steps=3',
-                  env={'DEVICES_PER_PROCESS': '2'})
+                  f'--workdir={tmp_path}/two', '--config.debug.sigterm_at_step=3',
+                  '--config.debug.signal_process=1', env={'DEVICES_PER_PROCESS': '2'})
   assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+  assert 'a stop signal on another process: saved the checkpoint at step 4' in first.stdout
   again = run_cli(tmp_path / 'two', '--config.mesh.devices=4')
   assert again.returncode == 0, again.stderr[-2000:]
-  assert 'resumed from step 3' in again.stdout and 'restarts' not in again.stdout
+  assert 'resumed from step 4' in again.stdout and 'restarts' not in again.stdout
   step, params = final_params(tmp_path / 'two')
   assert step == 6
   _close(params, ref_params)
