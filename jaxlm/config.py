@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 # Model config fields that a run chooses and a checkpoint does not: numerics and kernels.
 RUN_FIELDS = ('param_dtype', 'dtype', 'attention_impl', 'attention_block_q',
-              'attention_block_kv', 'ring_layout', 'remat')
+              'attention_block_kv', 'ring_layout', 'remat', 'scan_layers')
 
 
 def load_config_file(path: str):

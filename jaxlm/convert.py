@@ -50,8 +50,25 @@ _LLAMA3_KEYS = {'rope_factor': 'factor', 'rope_low_freq_factor': 'low_freq_facto
 # ----------------------------------------------------------------------------- names
 
 
-def _layout(cfg: MistralConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
-  """jaxlm state path -> (Hugging Face name, hf_to_ours, ours_to_hf)."""
+def _layout(cfg: MistralConfig) -> dict[tuple, tuple[str | tuple[str, ...], Callable, Callable]]:
+  """jaxlm state path -> (Hugging Face name, hf_to_ours, ours_to_hf). With scan_layers a
+  stacked parameter's path ('layers', ...) maps to the tuple of its layers' names (one
+  tensor per layer, converted one by one)."""
+  table = _unrolled_layout(cfg)
+  if not cfg.scan_layers:
+    return table
+  stacked: dict[tuple, tuple] = {}
+  for path, (name, to_ours, to_hf) in table.items():
+    if path[0] != 'layers':
+      stacked[path] = (name, to_ours, to_hf)
+      continue
+    key = ('layers',) + path[2:]
+    names = stacked.get(key, ((),))[0] + (name,)   # layers in order 0, 1, ...
+    stacked[key] = (names, to_ours, to_hf)
+  return stacked
+
+
+def _unrolled_layout(cfg: MistralConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
   d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   same = lambda x: x
   transpose = lambda x: x.T
@@ -324,7 +341,11 @@ def load_tensors(hf_config: dict[str, Any], source: TensorSource, *, origin: str
   names = set(source.names())
   where = getattr(source, 'where', lambda name: origin)
 
-  expected = {layout[p][0]: (p, v) for p, v in flat}
+  expected = {}   # Hugging Face name -> (path, variable, layer index or None)
+  for p, v in flat:
+    hf_names = layout[p][0]
+    for i, n in (enumerate(hf_names) if isinstance(hf_names, tuple) else [(None, hf_names)]):
+      expected[n] = (p, v, i)
   embed_name = layout[('embed',)][0]
   # Tied checkpoints often store the head anyway; it must then equal the embedding.
   tied_head = 'lm_head.weight' if cfg.tie_word_embeddings and 'lm_head.weight' in names else None
@@ -338,9 +359,9 @@ def load_tensors(hf_config: dict[str, Any], source: TensorSource, *, origin: str
         f'{extra[:8]}{" ..." if len(extra) > 8 else ""} ({len(extra)})')
 
   # Validate every shape from the headers before reading any data.
-  for name, (p, var) in expected.items():
+  for name, (p, var, i) in expected.items():
     got = tuple(source.shape(name))
-    want = _hf_shape(layout[p][2], var.shape)
+    want = _hf_shape(layout[p][2], var.shape if i is None else var.shape[1:])
     if got != want:
       raise CheckpointError(f'tensor {name} has shape {got} in {where(name)}, but the config '
                             f'expects {want}')
@@ -352,6 +373,12 @@ def load_tensors(hf_config: dict[str, Any], source: TensorSource, *, origin: str
   values = []
   for p, var in flat:
     name, to_ours, _ = layout[p]
+    if isinstance(name, tuple):   # scan_layers: the layers' tensors stacked
+      host = np.stack([to_ours(source.tensor(n)) for n in name])
+      sharding = shd.param_sharding(var, mesh, rules) if mesh is not None else None
+      values.append((p, var.replace(value=shd.make_array(host, sharding, target_dtype))))
+      del host
+      continue
     raw = source.tensor(name)
     if name == embed_name and tied_head:
       if not np.array_equal(source.tensor(tied_head), raw):
@@ -467,15 +494,20 @@ def save_hf(cfg: MistralConfig, model: Mistral, path: str, *, dtype: str | None 
     raise ValueError(f'model parameters {sorted(set(p for p, _ in flat) ^ set(layout))[:8]} '
                      f'do not match the config')
   itemsize = np.dtype(DTYPES[dtype]).itemsize
+  tensors = []   # (Hugging Face name, variable, layer index or None, ours_to_hf)
+  for p, var in flat:
+    names, _, to_hf = layout[p]
+    for i, n in (enumerate(names) if isinstance(names, tuple) else [(None, names)]):
+      tensors.append((n, var, i, to_hf))
   shards, current, size = [], [], 0
-  for p, var in sorted(flat, key=lambda pv: _hf_sort_key(layout[pv[0]][0])):
-    name, _, to_hf = layout[p]
-    shape = _hf_shape(to_hf, var.shape)
+  for name, var, i, to_hf in sorted(tensors, key=lambda t: _hf_sort_key(t[0])):
+    shape = _hf_shape(to_hf, var.shape if i is None else var.shape[1:])
     nbytes = int(np.prod(shape)) * itemsize
     if current and size + nbytes > max_shard_bytes:
       shards.append(current)
       current, size = [], 0
-    fetch = (lambda v=var, f=to_hf: f(_to_host(v[...])))
+    # scan_layers: one layer's slice is fetched at a time
+    fetch = (lambda v=var, f=to_hf, i=i: f(_to_host(v[...] if i is None else v[...][i])))
     current.append((name, shape, dtype, fetch))
     size += nbytes
   shards.append(current)

@@ -76,6 +76,8 @@ class MistralConfig:
   attention_block_kv: int = 512        # ... and key/value block
   ring_layout: str = 'natural'         # 'zigzag' when the trainer feeds zigzag-ordered batches
   remat: str = 'none'                  # recompute each block in the backward: 'none' | 'full' | 'dots'
+  scan_layers: bool = False            # layers stacked on a leading 'layers' axis and run by
+                                       # one scan (compile time independent of depth)
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
@@ -361,8 +363,8 @@ class KVCache:
   no query matches. The whole buffer is kept (no rolling window): with a sliding
   window, old slots are masked rather than overwritten.
   """
-  k: list[jax.Array]            # per layer [B, S, K, E]
-  v: list[jax.Array]            # per layer [B, S, K, E]
+  k: list[jax.Array] | jax.Array   # per layer [B, S, K, E]; scan_layers: [L, B, S, K, E]
+  v: list[jax.Array] | jax.Array
   positions_BxS: jax.Array      # int32
   segment_ids_BxS: jax.Array    # int32, -1 for empty slots
   index: jax.Array              # int32 scalar: next slot to write
@@ -371,8 +373,13 @@ class KVCache:
   def init(cls, cfg: MistralConfig, batch: int, length: int, dtype=None) -> 'KVCache':
     dtype = dtype or DTYPES[cfg.dtype]
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-               v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+    if cfg.scan_layers:
+      stacked = lambda: jnp.zeros((cfg.num_layers, *shape), dtype)
+      k, v = stacked(), stacked()
+    else:
+      k = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+      v = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+    return cls(k=k, v=v,
                positions_BxS=jnp.zeros((batch, length), jnp.int32),
                segment_ids_BxS=jnp.full((batch, length), -1, jnp.int32),
                index=jnp.zeros((), jnp.int32))
@@ -384,7 +391,14 @@ class Mistral(nnx.Module):
   def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'), cfg)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:   # one Block whose parameters have a leading [num_layers] axis
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def stacked(rngs):
+        return Block(cfg, rngs=rngs)
+      self.layers = stacked(rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
@@ -405,13 +419,14 @@ class Mistral(nnx.Module):
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.zeros((B, T), jnp.int32)
     x = _act(self._embed(tokens_BxT))
-    for block in self.layers:
-      if self.cfg.remat == 'none':
-        x, _ = block(x, positions_BxT, segment_ids_BxT, natural=natural)
-      else:
-        run = lambda blk, x, p, s: blk(x, p, s, natural=natural)[0]
-        x = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])(
-            block, x, positions_BxT, segment_ids_BxT)
+    run = lambda blk, x: (blk(x, positions_BxT, segment_ids_BxT, natural=natural)[0], ())
+    if self.cfg.scan_layers:
+      x, _ = self._scan(run, x, remat=self.cfg.remat)
+    else:
+      if self.cfg.remat != 'none':
+        run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])
+      for block in self.layers:
+        x, _ = run(block, x)
     if logit_positions_BxP is not None:
       x = jnp.take_along_axis(x, logit_positions_BxP.astype(jnp.int32)[..., None], axis=1)
       return self._logits(x, names=GATHERED_VOCAB_ACT)
@@ -431,17 +446,35 @@ class Mistral(nnx.Module):
     kv_segments = jax.lax.dynamic_update_slice(
         cache.segment_ids_BxS, segment_ids_BxT.astype(jnp.int32), (0, cache.index))
     x = self._embed(tokens_BxT)
-    new_k, new_v = [], []
-    for i, block in enumerate(self.layers):
-      layer_cache = (cache.k[i], cache.v[i], kv_positions, kv_segments, cache.index)
-      x, (k, v) = block(x, positions_BxT, segment_ids_BxT, layer_cache)
-      new_k.append(k)
-      new_v.append(v)
+
+    def run(block, x, k, v):
+      return block(x, positions_BxT, segment_ids_BxT,
+                   (k, v, kv_positions, kv_segments, cache.index))
+    if self.cfg.scan_layers:   # the cache is stacked like the layers
+      x, (new_k, new_v) = self._scan(run, x, cache.k, cache.v)
+    else:
+      new_k, new_v = [], []
+      for i, block in enumerate(self.layers):
+        x, (k, v) = run(block, x, cache.k[i], cache.v[i])
+        new_k.append(k)
+        new_v.append(v)
     new_cache = KVCache(k=new_k, v=new_v, positions_BxS=kv_positions,
                         segment_ids_BxS=kv_segments, index=cache.index + T)
     if last_only:   # a prefill needs only the next token's logits: skip the head elsewhere
       x = x[:, -1:]
     return self._logits(x), new_cache
+
+  def _scan(self, step, x, *per_layer, remat: str = 'none'):
+    """Stacked layers as one jax.lax.scan: step(block, x, *that layer's slices of
+    per_layer) -> (x, outputs); returns (x, outputs stacked over layers). The body is
+    traced once, so compile time does not grow with depth; `remat` checkpoints it."""
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(x, xs):
+      return step(nnx.merge(graphdef, xs[0]), x, *xs[1:])
+    if remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(body, x, (stacked, *per_layer))
 
   def _embed(self, tokens_BxT):
     return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(DTYPES[self.cfg.dtype])

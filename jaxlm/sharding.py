@@ -24,6 +24,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'kv_heads': ('tensor',),
     'head_dim': (),
     'mlp': ('tensor',),
+    'layers': (),   # the stacked axis of scanned layers (model.scan_layers): every device
+                    # holds every layer's shard; the scan slices one layer at a time
     # Activations (jaxlm.model constrains them with `constrain`): the batch over data and
     # fsdp, the sequence over context (ring attention), heads / MLP width / vocabulary of
     # activations over tensor, the model dimension replicated.

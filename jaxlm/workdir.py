@@ -33,8 +33,9 @@ RUN_FILES = ('checkpoints', CONFIG, FINISHED, 'metrics.jsonl', 'tensorboard', 'h
 
 # Performance-only data fields: the stream is the same whatever they are.
 _DATA_SPEED = ('data.num_threads', 'data.num_workers')
-# Model fields a run chooses that leave the state as it is: kernels and compute dtype.
-_KERNELS = tuple(f'model.{k}' for k in RUN_FIELDS if k != 'param_dtype')
+# Model fields a run chooses that leave the state as it is: kernels and compute dtype
+# (not the parameter dtype, nor scan_layers, which stacks the layers' parameters).
+_KERNELS = tuple(f'model.{k}' for k in RUN_FIELDS if k not in ('param_dtype', 'scan_layers'))
 
 
 class PathError(OSError):
@@ -91,7 +92,10 @@ def diff(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[st
       continue
     line = f'{field}: {old!r} -> {now!r}'
     kind = _kind(field)
-    (refused if kind else allowed).append(line + (f' (changes the {"checkpoint" if kind == "state" else "data stream"})' if kind else ''))
+    if kind:
+      refused.append(f'{line} (changes the {"checkpoint" if kind == "state" else "data stream"})')
+    else:
+      allowed.append(line)
   return refused, allowed
 
 

@@ -5,7 +5,9 @@
 # fine-tuning on simple_kv data generated on the fly, the same evaluation after, printed side
 # by side. Writes WORKDIR/eval_kv.json, eval_kv.png, metrics.jsonl, TensorBoard events,
 # checkpoints and a Hugging Face export (WORKDIR/hf). WORKDIR defaults to runs/local; a rerun
-# resumes from its checkpoints. Extra arguments are config overrides, e.g.
+# resumes from its checkpoints, and a finished run says so and stops (--reevaluate evaluates
+# it again, --restart sets it aside and starts over). Extra arguments are config overrides
+# or trainer flags, e.g.
 #   bash launch/local.sh --config.train.steps=10
 # The from-scratch smoke config:  CONFIG=configs/tiny_kv.py bash launch/local.sh
 source "$(dirname "$0")/_env.sh" requirements.txt

@@ -217,41 +217,33 @@ def test_auto_chat_format_follows_the_checkpoint(tok):
   np.testing.assert_array_equal(auto['inputs'], next(iter(make_dataset(config(), tok)))['inputs'])
 
 
+class Counting:
+  """A tokenizer that records every text it encodes."""
+
+  def __init__(self, inner):
+    self.inner, self.texts = inner, []
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def encode(self, text, **kw):
+    self.texts.append(text)
+    return self.inner.encode(text, **kw)
+
+
 def test_each_prompt_is_tokenized_once_without_a_budget(tok):
-  class Counting:
-    def __init__(self, inner):
-      self.inner, self.prompts = inner, []
-
-    def __getattr__(self, name):
-      return getattr(self.inner, name)
-
-    def encode(self, text, **kw):
-      if 'Do a task' in text:   # a prompt (answers name dictionaries too)
-        self.prompts.append(text)
-      return self.inner.encode(text, **kw)
-
   counting = Counting(tok)
   cfg = config(task_fields={'num_dicts': 4, 'keys_per_dict': (2, 3)}, global_batch_size=2)
   it = iter(make_dataset(cfg, counting))
   take(it, 3)
-  assert len(counting.prompts) == 6 == len(set(counting.prompts))
+  prompts = [t for t in counting.texts if 'Do a task' in t]   # (answers name dictionaries)
+  assert len(prompts) == 6 == len(set(prompts))
 
 
 def test_each_prompt_is_tokenized_once_under_a_budget(tok):
   """Under a token budget the task counts each prompt; the features reuse those tokens.
   Every candidate prompt text is encoded once; the whole chat-formatted turn is encoded once
   in all (the check that splicing reproduces it)."""
-  class Counting:
-    def __init__(self, inner):
-      self.inner, self.texts = inner, []
-
-    def __getattr__(self, name):
-      return getattr(self.inner, name)
-
-    def encode(self, text, **kw):
-      self.texts.append(text)
-      return self.inner.encode(text, **kw)
-
   counting = Counting(tok)
   cfg = config(task_fields={'num_tokens': 300, 'num_dicts': None}, seq_len=512)
   it = iter(make_dataset(cfg, counting))

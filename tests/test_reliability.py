@@ -40,6 +40,12 @@ def flat_state(state):
   return {str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
+def copy_run(finished_run, tmp_path):
+  import shutil
+  shutil.copytree(finished_run[0], tmp_path / 'w')
+  return tmp_path / 'w'
+
+
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   """A finished 4-step run (checkpoints 2 and 4) and its final state."""
@@ -69,9 +75,7 @@ def test_a_different_run_in_the_workdir_is_refused_and_nothing_is_touched(finish
 
 
 def test_restart_sets_the_old_run_aside(finished_run, tmp_path):
-  import shutil
-  w = tmp_path / 'w'
-  shutil.copytree(finished_run[0], w)
+  w = copy_run(finished_run, tmp_path)
   before = tree_snapshot(w)
   logs = []
   result = trainer.train(small_config(train__steps=2, model__num_layers=2), str(w),
@@ -84,9 +88,7 @@ def test_restart_sets_the_old_run_aside(finished_run, tmp_path):
 
 
 def test_allowed_changes_are_noted_and_a_finished_run_is_not_redone(finished_run, tmp_path):
-  import shutil
-  w = tmp_path / 'w'
-  shutil.copytree(finished_run[0], w)
+  w = copy_run(finished_run, tmp_path)
   before = tree_snapshot(w)
   logs = []
   result = trainer.train(small_config(train__steps=4, train__log_every=2), str(w),
@@ -107,9 +109,7 @@ def test_allowed_changes_are_noted_and_a_finished_run_is_not_redone(finished_run
 
 def test_a_structure_mismatch_is_not_called_corruption_and_deletes_nothing(finished_run,
                                                                            tmp_path):
-  import shutil
-  w = tmp_path / 'w'
-  shutil.copytree(finished_run[0], w)
+  w = copy_run(finished_run, tmp_path)
   os.remove(w / 'config.json')   # no record of the old run: the checkpoint itself is checked
   os.remove(w / 'finished.json')
   before = {k: v for k, v in tree_snapshot(w).items() if k.startswith('checkpoints')}
@@ -122,9 +122,7 @@ def test_a_structure_mismatch_is_not_called_corruption_and_deletes_nothing(finis
 
 
 def test_a_damaged_data_stream_falls_back_to_the_previous_checkpoint(finished_run, tmp_path):
-  import shutil
-  w = tmp_path / 'w'
-  shutil.copytree(finished_run[0], w)
+  w = copy_run(finished_run, tmp_path)
   os.remove(w / 'finished.json')
   data_file = w / 'checkpoints' / '4' / 'data_stream' / 'metadata'   # Orbax's JSON item
   text = open(data_file).read()
