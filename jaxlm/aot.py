@@ -18,7 +18,7 @@ chip's HBM; the compiler's FLOP estimate per device; the model FLOPs per step fr
 jaxlm.flops; and, from the chip's peak, a step-time lower bound (the larger of the compiled
 and the model FLOPs per device, at 100% of peak) and the MFU upper bound that implies
 (model FLOPs / that work: remat recompute lowers it). XLA counts a while loop's body once,
-not per trip, so with blockwise attention the compiled figure undercounts and the model
+not per trip, so with blockwise attention or scanned layers the compiled figure undercounts and the model
 FLOPs set the bound. Real steps are slower: communication, memory-bound ops and kernel
 efficiency are not in the bound.
 """

@@ -433,9 +433,6 @@ def _loop(c, run, data_iter, mngr, writer, workdir, start, result, log) -> None:
       run.state, metrics = run.step_fn(run.state, batch)
       step += 1
       guard.push(step, metrics)
-      # One process stops at once; several stop together, when a step's stop flag (a max
-      # over every device) shows that any of them was signalled, read one step late.
-      stopping = stop.signal if one else guard.stop_requested
       if step % t.log_every == 0 or step == t.steps:
         guard.settle()
         m, line = clock.line(step, metrics)
@@ -447,8 +444,9 @@ def _loop(c, run, data_iter, mngr, writer, workdir, start, result, log) -> None:
         _evaluate(c, run.model, run.tokenizer, workdir, step, writer, log)
         clock.reset(step)
       _inject_faults(c, step, mngr)
-      if not one and not stopping:
-        stopping = guard.stop_requested   # a settle above may have read the flag
+      # One process stops at once; several stop together, when a settled step's stop flag
+      # (a max over every device) shows that any of them was signalled.
+      stopping = bool(stop.signal) if one else guard.stop_requested
       if step % t.checkpoint_every == 0 or step == t.steps or stopping:
         guard.settle()
         guard.check_state(run, step)

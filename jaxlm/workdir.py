@@ -81,6 +81,16 @@ def _kind(field: str) -> str | None:
   return None
 
 
+def _default(field: str) -> Any:
+  """The library default of a model.* or data.* field (what a config that predates the
+  field meant), or a sentinel."""
+  from jaxlm.data.pipeline import DataConfig
+  from jaxlm.model import MistralConfig
+  section, _, name = field.partition('.')
+  source = {'model': MistralConfig, 'data': DataConfig}.get(section)
+  return getattr(source(), name, _default) if source else _default
+
+
 def diff(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
   """(refused, allowed): 'field: saved -> new' for each field that differs, split by
   whether a resumed run may change it."""
@@ -91,7 +101,8 @@ def diff(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[st
     if old == now:
       continue
     line = f'{field}: {old!r} -> {now!r}'
-    kind = _kind(field)
+    # a field added since the run started, at its default: the run had that value
+    kind = None if field not in a and now == _default(field) else _kind(field)
     if kind:
       refused.append(f'{line} (changes the {"checkpoint" if kind == "state" else "data stream"})')
     else:

@@ -284,3 +284,22 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_aborts(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     trainer.train(small_config(train__steps=4), str(tmp_path / 'abort'), log=quiet)
   assert final_params(tmp_path / 'abort')[0] == 2
+
+
+def test_which_changes_a_resumed_run_may_make():
+  saved = {'seed': 0, 'model': {'num_layers': 2, 'remat': 'none', 'param_dtype': 'float32'},
+           'data': {'seq_len': 320, 'num_threads': 0, 'task_fields': {'num_dicts': 3}},
+           'train': {'steps': 6, 'batch_size': 8, 'lr': 1e-3}, 'mesh': {'fsdp': 1}}
+  new = {'seed': 0, 'model': {'num_layers': 2, 'remat': 'full', 'param_dtype': 'bfloat16',
+                              'scan_layers': False},
+         'data': {'seq_len': 320, 'num_threads': 2, 'task_fields': {'num_dicts': 4},
+                  'packing': True},
+         'train': {'steps': 9, 'batch_size': 8, 'lr': 1e-4}, 'mesh': {'fsdp': 4}}
+  refused, allowed = workdir_lib.diff(saved, new)
+  assert [l.split(':')[0] for l in refused] == ['data.packing', 'data.task_fields',
+                                                'model.param_dtype']
+  # kernels, speed-only data fields, schedule and length, the mesh; and a field added
+  # since (scan_layers) at its default
+  assert [l.split(':')[0] for l in allowed] == ['data.num_threads', 'mesh.fsdp',
+                                                'model.remat', 'model.scan_layers',
+                                                'train.lr', 'train.steps']
