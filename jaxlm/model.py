@@ -280,11 +280,13 @@ class Attention(nnx.Module):
     if cfg.attention_bias and cfg.architecture == 'llama':   # transformers' Llama: o_proj too
       self.o_bias = _param(rngs, (d,), ('embed',), cfg, nnx.initializers.zeros)
 
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False,
+               segment_positions=False):
     """cache: None, or (k_BxSxKxE, v_BxSxKxE, kv_positions_BxS, kv_segment_ids_BxS, index)
     with the buffers already holding this step's positions and segment ids at `index`.
     natural: positions are 0..T-1 and segment_ids_BxT is None, so kernels with static
-    masks (cudnn, splash) apply."""
+    masks (cudnn, splash) apply. segment_positions: positions run 0..n-1 within each
+    segment (jaxlm.attention: splash applies with the segment ids)."""
     cfg, dt = self.cfg, x_BxTxD.dtype
     q = _matmul(x_BxTxD, self.q_proj[...].astype(dt))
     k = _matmul(x_BxTxD, self.k_proj[...].astype(dt))
@@ -305,7 +307,8 @@ class Attention(nnx.Module):
         masks = {}
       else:
         masks = dict(q_positions_BxT=positions_BxT, kv_positions_BxS=positions_BxT,
-                     segment_ids=segment_ids_BxT)
+                     segment_ids=segment_ids_BxT,
+                     segment_positions=segment_positions and cfg.ring_layout == 'natural')
     else:
       k_cache, v_cache, kv_positions, kv_segments, index = cache
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
@@ -347,9 +350,10 @@ class Block(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False,
+               segment_positions=False):
     h, new_kv = self.attn(self.input_norm(x_BxTxD), positions_BxT, segment_ids_BxT, cache,
-                          natural)
+                          natural, segment_positions)
     x_BxTxD = _act(x_BxTxD + h)
     return _act(x_BxTxD + self.mlp(self.post_attn_norm(x_BxTxD))), new_kv
 
@@ -405,13 +409,16 @@ class Mistral(nnx.Module):
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                *, segment_ids_BxT: jax.Array | None = None,
-               logit_positions_BxP: jax.Array | None = None) -> jax.Array:
+               logit_positions_BxP: jax.Array | None = None,
+               segment_positions: bool = False) -> jax.Array:
     """Float32 logits [B, T, V]. Positions default to 0..T-1; tokens attend only to
     earlier tokens of the same segment (segment ids default to all zeros).
 
     logit_positions_BxP: int32 indices into T; when given, only those positions go
     through the final norm and the output projection and the result is [B, K, V]
-    (answer-only training needs logits at a few positions of a long sequence)."""
+    (answer-only training needs logits at a few positions of a long sequence).
+    segment_positions: positions run 0..n-1 within each segment, as the data pipeline
+    builds them; lets `auto` attention use splash on TPUs (jaxlm.attention)."""
     B, T = tokens_BxT.shape
     natural = positions_BxT is None and segment_ids_BxT is None
     if positions_BxT is None:
@@ -419,7 +426,8 @@ class Mistral(nnx.Module):
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.zeros((B, T), jnp.int32)
     x = _act(self._embed(tokens_BxT))
-    run = lambda blk, x: (blk(x, positions_BxT, segment_ids_BxT, natural=natural)[0], ())
+    run = lambda blk, x: (blk(x, positions_BxT, segment_ids_BxT, natural=natural,
+                              segment_positions=segment_positions)[0], ())
     if self.cfg.scan_layers:
       x, _ = self._scan(run, x, remat=self.cfg.remat)
     else:

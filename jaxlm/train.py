@@ -115,8 +115,9 @@ def loss_sums(model, batch, loss_positions: int = 0):
     idx_BxP = answer_positions(mask, loss_positions)
     targets, mask = (jnp.take_along_axis(x, idx_BxP, axis=1) for x in (targets, mask))
     kwargs['logit_positions_BxP'] = idx_BxP
+  # the pipeline's rows: positions run 0..n-1 within each segment (fused kernels apply)
   logits = model(batch['inputs'], batch['positions'], segment_ids_BxT=batch['segment_ids'],
-                 **kwargs)
+                 segment_positions=True, **kwargs)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   mask = mask.astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * mask
@@ -243,8 +244,11 @@ def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str,
   if topo and topo.slices > 1:
     log(f'[aot] {topo.slices} slices: the data axis ({shape[0]}) spans them')
   if topo and cfg.attention_impl == 'auto':   # what auto picks on a TPU for training batches
-    impl = 'ring' if shape[shd.MESH_AXES.index('context')] > 1 else 'blockwise'
-    log(f"[aot] attention 'auto' compiles as {impl!r} on a TPU topology")
+    from jaxlm.attention import choose_impl
+    impl, why = choose_impl('auto', T=c.data.seq_len, S=c.data.seq_len, mesh=mesh,
+                            custom_positions=True, segments=True,
+                            segment_positions=cfg.ring_layout == 'natural', platform='tpu')
+    log(f"[aot] attention 'auto' compiles as {impl!r} on a TPU topology ({why})")
     cfg = dataclasses.replace(cfg, attention_impl=impl)
   load_run_tokenizer(c).check_model(cfg)
   schedule, step_maker = _step_maker(c)

@@ -203,3 +203,43 @@ def test_ring_bfloat16_stays_close():
   got = _vjp(ring, q, k, v, ct)
   assert got[0].dtype == jnp.bfloat16
   _check(got, want, 6e-2)
+
+
+def test_splash_on_packed_rows_with_segment_positions_equals_the_oracle():
+  """Pipeline rows (positions 0..n-1 per segment, padding as segment 0 at the end): splash
+  with static masks and the segment ids computes the oracle's values on every real token
+  and the oracle's gradients of a loss on them (Pallas interpreter on CPU)."""
+  q, k, v, ct, pos, seg = _inputs(1, 256, 4, 2, 128, packed=True)
+  seg = seg.at[:, 230:].set(0)               # padding: segment 0, positions 0
+  pos = pos.at[:, 230:].set(0)
+  real = (seg > 0)[..., None, None].astype(jnp.float32)
+  for window in (None, 40):
+    splash = lambda q, k, v: attend(q, k, v, impl='splash', q_positions_BxT=pos,
+                                    kv_positions_BxS=pos, segment_ids=seg,
+                                    segment_positions=True, sliding_window=window)
+    oracle = lambda q, k, v: dense_oracle(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos,
+                                          q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg,
+                                          causal=True, sliding_window=window)
+    import jaxlm.attention.splash as sp
+    with pytest.MonkeyPatch.context() as m:   # the TPU kernel, interpreted
+      m.setattr(sp, '_on_tpu', lambda: True)
+      real_kernel = sp._kernel
+      m.setattr(sp, '_kernel', lambda *a: real_kernel(*a[:-1], True))
+      got = _vjp(lambda q, k, v: splash(q, k, v) * real, q, k, v, ct)
+    want = _vjp(lambda q, k, v: oracle(q, k, v) * real, q, k, v, ct)
+    _check(got, want, atol=2e-5)
+
+
+def test_auto_says_which_kernel_and_why():
+  from jaxlm.attention import choose_impl
+  train = dict(T=4096, S=4096, custom_positions=True, segments=True)
+  assert choose_impl('auto', **train, segment_positions=True, platform='tpu')[0] == 'splash'
+  impl, why = choose_impl('auto', **train, platform='tpu')   # positions not per segment
+  assert impl == 'blockwise' and 'permuted' in why
+  impl, why = choose_impl('auto', **train, segment_positions=True, platform='gpu')
+  assert impl == 'blockwise' and 'segment ids' in why
+  assert choose_impl('auto', T=4096, S=4096, platform='gpu')[0] == 'cudnn'
+  assert choose_impl('auto', **train, segment_positions=True, platform='cpu') == (
+      'blockwise', 'no fused kernel on cpu')
+  assert choose_impl('auto', **train, segment_positions=True, platform='tpu',
+                     mesh=_mesh(2, 4))[0] == 'ring'

@@ -7,6 +7,13 @@
   splash     Pallas splash attention, TPUs only (splash.py)
   auto       ring if the mesh has a context axis > 1; else cudnn on GPU and splash on TPU
              when the mask allows; else blockwise for long sequences, dense for short
+             (`choose_impl` says which and why)
+
+Training rows built by the data pipeline carry positions that run 0..n-1 within each
+segment (packed examples, padding as segment 0): `segment_positions=True` says so, and the
+kernels whose masks are static (splash: causal or local window plus segment ids) then
+compute the oracle's function for every token of a non-zero segment (padding, which no
+loss reads, may differ).
 
 Every implementation computes the oracle's function (tested against it on random
 inputs, values and gradients). Masks come from positions and segment ids; Hugging
@@ -41,20 +48,38 @@ def _context_mesh(mesh):
   return mesh
 
 
-def resolve_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool = False,
-                 segments: bool = False) -> str:
-  """The concrete kernel `auto` stands for in this setting (others: unchanged)."""
+def choose_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool = False,
+                segments: bool = False, segment_positions: bool = False,
+                platform: str | None = None) -> tuple[str, str]:
+  """(the concrete kernel `auto` stands for in this setting, why); other names are
+  returned unchanged. `platform`: the devices' ('cpu', 'gpu', 'tpu'; default this
+  process's)."""
   if impl != 'auto':
-    return impl
+    return impl, 'chosen by name'
   ctx = _context_mesh(mesh)
   if ctx is not None and ctx.shape['context'] > 1 and T == S:
-    return 'ring'
-  platforms = {d.platform for d in jax.devices()}
-  if 'gpu' in platforms and not custom_positions and not segments:
-    return 'cudnn'
-  if 'tpu' in platforms and not custom_positions:
-    return 'splash'
-  return 'blockwise' if T * S > AUTO_BLOCKWISE_MIN_SCORES else 'dense'
+    return 'ring', f'the mesh shards the sequence over context={ctx.shape["context"]}'
+  platform = platform or jax.devices()[0].platform
+  permuted = custom_positions and not segment_positions   # not 0..n-1 per segment
+  fallback = 'blockwise' if T * S > AUTO_BLOCKWISE_MIN_SCORES else 'dense'
+  if platform == 'gpu':
+    if not custom_positions and not segments:
+      return 'cudnn', 'natural positions, no segments'
+    return fallback, ('cuDNN here takes no segment ids (packed or padded rows)' if segments
+                      else 'cuDNN needs natural positions')
+  if platform == 'tpu':
+    if not permuted:
+      return 'splash', ('positions run 0..n-1 within each segment: static causal/local '
+                        'masks plus segment ids' if segments else 'natural positions')
+    return fallback, 'positions are permuted or offset (splash masks are static)'
+  return fallback, f'no fused kernel on {platform}'
+
+
+def resolve_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool = False,
+                 segments: bool = False, segment_positions: bool = False) -> str:
+  """The concrete kernel `auto` stands for in this setting (others: unchanged)."""
+  return choose_impl(impl, T=T, S=S, mesh=mesh, custom_positions=custom_positions,
+                     segments=segments, segment_positions=segment_positions)[0]
 
 
 def attend(
@@ -75,6 +100,7 @@ def attend(
     block_q: int = DEFAULT_BLOCK,
     block_kv: int = DEFAULT_BLOCK,
     ring_layout: str = 'natural',
+    segment_positions: bool = False,
 ) -> jax.Array:
   """Multi-head attention with grouped-query heads: [B,T,H,E] x [B,S,K,E] -> [B,T,H,E].
 
@@ -83,6 +109,8 @@ def attend(
   default to 0..T-1 and 0..S-1; pass them when decoding from a cache or when the
   sequence is permuted. mesh: for `ring` (its `context` axis carries the sequence, in
   natural order unless ring_layout='zigzag'); defaults to the mesh set by jax.set_mesh.
+  segment_positions: the positions given run 0..n-1 within each segment, segments in row
+  order (see the module docstring): splash may then take the segment ids alone.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'attention impl={impl!r} is not available; choose one of {IMPLEMENTATIONS}')
@@ -100,7 +128,7 @@ def attend(
   custom_positions = q_positions_BxT is not None or kv_positions_BxS is not None
   segments = q_segment_ids_BxT is not None or kv_segment_ids_BxS is not None
   impl = resolve_impl(impl, T=T, S=S, mesh=mesh, custom_positions=custom_positions,
-                      segments=segments)
+                      segments=segments, segment_positions=segment_positions)
 
   if impl == 'cudnn':
     return attend_cudnn(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, causal=causal,
@@ -111,7 +139,8 @@ def attend(
       raise ValueError("attention impl='splash' takes self-attention segment_ids only")
     return attend_splash(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT=q_segment_ids_BxT,
                          causal=causal, sliding_window=sliding_window, scale=scale,
-                         custom_positions=custom_positions, block_q=block_q,
+                         custom_positions=custom_positions and not segment_positions,
+                         block_q=block_q,
                          block_kv=block_kv)
 
   if q_positions_BxT is None:

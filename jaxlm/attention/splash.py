@@ -33,10 +33,14 @@ def _kernel(T: int, S: int, G: int, causal: bool, window, block_q: int, block_kv
                                           block_sizes=sizes, interpret=interpret)
 
 
+def _on_tpu() -> bool:
+  return 'tpu' in {d.platform for d in jax.devices()}
+
+
 def attend_splash(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, *, segment_ids_BxT=None, causal=True,
                   sliding_window=None, scale=None, custom_positions: bool = False,
                   block_q: int = 512, block_kv: int = 512, interpret: bool = False):
-  if not interpret and 'tpu' not in {d.platform for d in jax.devices()}:
+  if not interpret and not _on_tpu():
     raise ValueError(f"attention impl='splash' needs a TPU; this process has "
                      f'{sorted({d.platform for d in jax.devices()})} devices '
                      f'(use dense or blockwise)')
