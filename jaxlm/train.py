@@ -19,6 +19,7 @@ mesh in jaxlm.sharding, the will-it-fit compile in jaxlm.aot; this module is the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -252,8 +253,10 @@ def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str,
     cfg = dataclasses.replace(cfg, attention_impl=impl)
   load_run_tokenizer(c).check_model(cfg)
   schedule, step_maker = _step_maker(c)
-  report = aot.compile_report(c, cfg, mesh, step_maker, make_optimizer(c.train, schedule),
-                              topology=topo, log=log)
+  from jaxlm.attention.splash import compiling_for_tpu
+  with compiling_for_tpu() if topo else contextlib.nullcontext():
+    report = aot.compile_report(c, cfg, mesh, step_maker,
+                                make_optimizer(c.train, schedule), topology=topo, log=log)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'aot.json'), 'w') as f:

@@ -243,3 +243,24 @@ def test_auto_says_which_kernel_and_why():
       'blockwise', 'no fused kernel on cpu')
   assert choose_impl('auto', **train, segment_positions=True, platform='tpu',
                      mesh=_mesh(2, 4))[0] == 'ring'
+
+
+def test_splash_runs_per_device_on_a_mesh():
+  """A Mosaic kernel cannot be partitioned by XLA: on a mesh, splash runs under shard_map
+  (batch over data/fsdp, heads over tensor) and still equals the oracle."""
+  import jaxlm.attention.splash as sp
+  from jaxlm import sharding as shd
+  q, k, v, ct, pos, seg = _inputs(2, 128, 4, 2, 128, packed=True)
+  mesh = shd.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2, 'context': 1}, jax.devices()[:4])
+  with pytest.MonkeyPatch.context() as m, jax.set_mesh(mesh):
+    m.setattr(sp, '_on_tpu', lambda: True)
+    real_kernel = sp._kernel
+    m.setattr(sp, '_kernel', lambda *a: real_kernel(*a[:-1], True))
+    fn = jax.jit(lambda q, k, v: attend(q, k, v, impl='splash', q_positions_BxT=pos,
+                                        kv_positions_BxS=pos, segment_ids=seg,
+                                        segment_positions=True, block_q=128, block_kv=128))
+    got = _vjp(fn, q, k, v, ct)
+  want = _vjp(lambda q, k, v: dense_oracle(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos,
+                                           q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg,
+                                           causal=True), q, k, v, ct)
+  _check(got, want, atol=2e-5)

@@ -179,6 +179,20 @@ def _make_ring(axis: str, n: int, causal, window, scale, block_q, block_kv):
   return ring
 
 
+def batch_and_head_axes(mesh, B: int, K: int, skip: str | None = None):
+  """How a kernel run per device under shard_map splits [B, T, heads, E] on `mesh`:
+  (batch axes, head axis). Heads go over `tensor` when the K key/value heads divide over
+  it; the batch over every other axis (but `skip`) whose size divides it."""
+  head_axis = 'tensor' if 'tensor' in mesh.axis_names and mesh.shape['tensor'] > 1 and \
+      K % mesh.shape['tensor'] == 0 and skip != 'tensor' else None
+  batch_axes, size = [], 1
+  for name in mesh.axis_names:
+    if name not in (skip, head_axis) and B % (size * mesh.shape[name]) == 0:
+      batch_axes.append(name)
+      size *= mesh.shape[name]
+  return tuple(batch_axes), head_axis
+
+
 def ring_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, *, q_positions_BxT, kv_positions_BxS,
                    q_segment_ids_BxT, kv_segment_ids_BxS, causal=True, sliding_window=None,
                    scale=None, mesh=None, axis: str = 'context', layout: str = 'natural',
@@ -204,16 +218,9 @@ def ring_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, *, q_positions_BxT, kv_posit
   if T % (2 * n):
     raise ValueError(f'mesh context={n} but seq_len={T} is not divisible by 2*{n} '
                      f'(the zigzag layout cuts the sequence into 2*context chunks)')
-  K = k_BxTxKxE.shape[2]
-  head_axis = 'tensor' if 'tensor' in mesh.axis_names and mesh.shape['tensor'] > 1 and \
-      K % mesh.shape['tensor'] == 0 and axis != 'tensor' else None
-  batch_axes, size = [], 1
-  for name in mesh.axis_names:
-    if name not in (axis, head_axis) and B % (size * mesh.shape[name]) == 0:
-      batch_axes.append(name)
-      size *= mesh.shape[name]
-  spec_x = P(tuple(batch_axes) or None, axis, head_axis)
-  spec_pos = P(tuple(batch_axes) or None, axis)
+  batch_axes, head_axis = batch_and_head_axes(mesh, B, k_BxTxKxE.shape[2], skip=axis)
+  spec_x = P(batch_axes or None, axis, head_axis)
+  spec_pos = P(batch_axes or None, axis)
   args = (q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, q_positions_BxT, kv_positions_BxS,
           q_segment_ids_BxT, kv_segment_ids_BxS)
   ring = _make_ring(axis, n, causal, sliding_window, scale, block_q, block_kv)

@@ -9,6 +9,7 @@ the tests use it on CPU to check this wrapper against the dense oracle).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -33,8 +34,22 @@ def _kernel(T: int, S: int, G: int, causal: bool, window, block_q: int, block_kv
                                           block_sizes=sizes, interpret=interpret)
 
 
+_TPU_TOPOLOGY = [False]   # set while compiling ahead of time for TPU devices elsewhere
+
+
+@contextlib.contextmanager
+def compiling_for_tpu():
+  """Within: the kernel may be traced on a host without TPUs, for an ahead-of-time compile
+  for a TPU topology (jaxlm.aot with libtpu)."""
+  _TPU_TOPOLOGY[0] = True
+  try:
+    yield
+  finally:
+    _TPU_TOPOLOGY[0] = False
+
+
 def _on_tpu() -> bool:
-  return 'tpu' in {d.platform for d in jax.devices()}
+  return _TPU_TOPOLOGY[0] or 'tpu' in {d.platform for d in jax.devices()}
 
 
 def attend_splash(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, *, segment_ids_BxT=None, causal=True,
@@ -63,5 +78,15 @@ def attend_splash(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, *, segment_ids_BxT=None, caus
     return kernel(q_GxTxE, k_SxE, v_SxE, segment_ids=sa.SegmentIds(q=seg_T, kv=seg_T))
 
   per_head = jax.vmap(one, in_axes=(0, 0, 0, None))             # over key/value heads
-  out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(q, k, v, seg)  # over the batch
+  per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0))          # over the batch
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    out = per_batch(q, k, v, seg)
+  else:   # a Mosaic kernel runs per device: the batch and the heads split over the mesh
+    from jax.sharding import PartitionSpec as P
+    from jaxlm.attention.ring import batch_and_head_axes
+    batch, heads = batch_and_head_axes(mesh, B, K, skip='context')
+    spec = P(batch or None, heads)   # [B, K, ...] after the einsums above
+    out = jax.shard_map(per_batch, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None)),
+                        out_specs=spec, check_vma=False)(q, k, v, seg)
   return jnp.einsum('bkgtd->btkgd', out).reshape(B, T, H, E).astype(q_BxTxHxE.dtype)
