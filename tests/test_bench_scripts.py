@@ -1,7 +1,7 @@
 """The benchmark scripts still run (tiny sizes; their numbers live in BENCHMARKS.md)."""
 import pytest
 
-from jaxlm.bench import attention_check, data, step
+from jaxlm.bench import attention_check, data, mfu, step
 
 
 def test_step_benchmark_runs(capsys):
@@ -46,6 +46,20 @@ def test_step_benchmark_answer_only_loss_and_smollm2_shape(capsys, monkeypatch):
   assert out.count('| failed: RuntimeError: no |') == 2
   assert 'jaxlm / torch throughput ratio' in out
   assert 'jaxlm / torch (head at answer) throughput ratio' in out
+
+
+def test_mfu_benchmark_runs_the_trainer_step_and_counts_flops(tmp_path, capsys):
+  from jaxlm import flops
+  rows = mfu.main(['--tiny', '--seq_lens=128', '--warmup=1', '--steps=1', '--peak=1e12',
+                   f'--out={tmp_path}/mfu'])
+  (row,) = rows
+  assert row['devices'] == 8 and row['tokens_per_s_per_chip'] > 0   # the 8 simulated devices
+  cfg = mfu.model_config(2, 128, True, 'auto')
+  want = row['tokens_per_s_per_chip'] * flops.train_flops_per_token(cfg, 128) / 1e12
+  assert abs(row['model_tflops_per_chip'] - want) < 1e-9 * max(1.0, want)
+  assert abs(row['mfu'] - row['model_tflops_per_chip'] / 1.0) < 1e-12   # peak 1 TFLOP/s
+  assert (tmp_path / 'mfu.md').read_text().startswith('| device | devices | layers')
+  assert 'causal once' in capsys.readouterr().out
 
 
 def test_data_benchmark_runs(capsys):
