@@ -32,9 +32,10 @@ def evaluate_retrieval(model, tokenizer, task: str, task_fields: dict[str, Any],
   examples = [(p, tasks[p].example(seed, i)) for p in positions for i in range(per_position)]
   # One generate call for every position: the runner batches prompts of similar length
   # together, so batches are full and padded little.
+  ids = [ex.prompt_ids for _, ex in examples]   # counted under a token budget, or None
   outputs = runner.generate([ex.prompt for _, ex in examples], max_new_tokens=max_new_tokens,
                             label=f'{task} positions {list(positions)}',
-                            prompt_ids=[ex.prompt_ids for _, ex in examples])
+                            **({'prompt_ids': ids} if any(i is not None for i in ids) else {}))
   rows, samples, all_scores, predictions = [], [], [], []
   for position in positions:
     scores = []
