@@ -101,6 +101,57 @@ def test_blockwise_matches_dense(T, causal, window, packed):
   _check(got, want, 2e-5)
 
 
+@pytest.mark.parametrize('T, chunk', [(64, 16), (100, 16), (100, 128)])   # even, ragged, one
+@pytest.mark.parametrize('window', [None, 5, 40])
+@pytest.mark.parametrize('packed', [False, True])
+def test_chunked_matches_dense(T, chunk, window, packed):
+  """Natural rows, and pipeline rows (positions 0..n-1 per segment, padding as segment 0
+  with position 0 at the end): the oracle's values on every real token and its gradients
+  of a loss on them (padding, which no loss reads, may differ: it sees only earlier pads)."""
+  from jaxlm.attention.chunked import attend_chunked
+  q, k, v, ct, pos, seg = _inputs(2, T, 4, 2, 16, packed=packed)
+  if packed:
+    seg = seg.at[:, T - 9:].set(0)
+    pos = pos.at[:, T - 9:].set(0)
+  real = (seg > 0)[..., None, None].astype(jnp.float32)
+  kw = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg,
+            kv_segment_ids_BxS=seg, sliding_window=window)
+  want = _vjp(lambda q, k, v: dense_oracle(q, k, v, **kw) * real, q, k, v, ct)
+  got = _vjp(lambda q, k, v: attend_chunked(q, k, v, chunk=chunk, **kw) * real, q, k, v, ct)
+  _check(got, want, 2e-5)
+  # through attend, as the model calls it
+  got = _vjp(lambda q, k, v: attend(q, k, v, impl='chunked', q_positions_BxT=pos,
+                                    kv_positions_BxS=pos, segment_ids=seg, sliding_window=window,
+                                    segment_positions=True) * real, q, k, v, ct)
+  _check(got, want, 2e-5)
+
+
+def test_chunked_bfloat16_stays_close():
+  q, k, v, ct, pos, seg = _inputs(2, 96, 4, 1, 32, dtype=jnp.bfloat16, packed=True)
+  kw = dict(segment_ids=seg, sliding_window=33)
+  want = _vjp(lambda *a: attend(*(x.astype(jnp.float32) for x in a), impl='dense', **kw),
+              q, k, v, ct.astype(jnp.float32))
+  got = _vjp(lambda *a: attend(*a, impl='chunked', **kw), q, k, v, ct)
+  assert all(g.dtype == jnp.bfloat16 for g in got)
+  _check(got, want, 6e-2)
+
+
+def test_chunked_computes_only_the_keys_up_to_each_chunk():
+  """The skipping is real: the compiled program's score matrices cover the causal band of
+  chunks (T=256, chunks of 64: 64 x (64 + 128 + 192 + 256) scores per head), not T x T."""
+  from jaxlm.attention.chunked import attend_chunked
+  q, k, v, _, pos, seg = _inputs(1, 256, 2, 2, 8)
+  kw = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg,
+            kv_segment_ids_BxS=seg)
+  hlo = jax.jit(lambda q, k, v: attend_chunked(q, k, v, chunk=64, **kw)).lower(q, k, v).as_text()
+  for S in (64, 128, 192, 256):
+    assert f'64x{S}xf32' in hlo, S   # StableHLO tensor<...x64x{S}xf32>
+  flops = lambda f: jax.jit(f).lower(q, k, v).compile().cost_analysis()['flops']
+  dense = flops(lambda q, k, v: dense_oracle(q, k, v, causal=True, **kw))
+  chunked = flops(lambda q, k, v: attend_chunked(q, k, v, chunk=64, **kw))
+  assert chunked < 0.7 * dense, (chunked, dense)
+
+
 def test_blockwise_bfloat16_stays_close():
   q, k, v, ct, pos, seg = _inputs(2, 96, 4, 1, 32, dtype=jnp.bfloat16, packed=True)
   kw = dict(segment_ids=seg, sliding_window=33)
@@ -190,7 +241,12 @@ def test_kernel_errors():
     attend(q, k, v, impl='cudnn')
   with pytest.raises(ValueError, match="impl='splash' needs a TPU"):
     attend(q, k, v, impl='splash')
-  assert attend(q, k, v, impl='auto').shape == q.shape   # CPU, short: dense
+  assert attend(q, k, v, impl='auto').shape == q.shape   # CPU, short: chunked
+  with pytest.raises(ValueError, match="impl='chunked' needs causal self-attention in index order "
+                     r"\(causal=True, T=36, S=36, positions given without segment_positions"):
+    attend(q, k, v, impl='chunked', q_positions_BxT=pos, kv_positions_BxS=pos)
+  with pytest.raises(ValueError, match=r"impl='chunked' needs causal .*causal=False"):
+    attend(q, k, v, impl='chunked', causal=False)
 
 
 def test_ring_bfloat16_stays_close():
@@ -241,6 +297,13 @@ def test_auto_says_which_kernel_and_why():
   assert choose_impl('auto', T=4096, S=4096, platform='gpu')[0] == 'cudnn'
   assert choose_impl('auto', **train, segment_positions=True, platform='cpu') == (
       'blockwise', 'no fused kernel on cpu')
+  short = dict(T=512, S=512, custom_positions=True, segments=True)
+  impl, why = choose_impl('auto', **short, segment_positions=True, platform='cpu')
+  assert impl == 'chunked' and 'skip the keys after them' in why
+  assert choose_impl('auto', T=512, S=512, platform='cpu')[0] == 'chunked'
+  assert choose_impl('auto', **short, platform='cpu')[0] == 'dense'           # permuted
+  assert choose_impl('auto', T=1, S=512, custom_positions=True, platform='cpu')[0] == 'dense'
+  assert choose_impl('auto', T=512, S=512, causal=False, platform='cpu')[0] == 'dense'
   assert choose_impl('auto', **train, segment_positions=True, platform='tpu',
                      mesh=_mesh(2, 4))[0] == 'ring'
 

@@ -2,18 +2,22 @@
 
   dense      jax.nn.dot_product_attention with an explicit mask: the oracle (dense.py)
   blockwise  exact, O(T * block) memory, custom VJP, skips invisible blocks (blockwise.py)
+  chunked    causal self-attention in query chunks that skip the keys after them: the
+             CPU kernel for training lengths (chunked.py)
   ring       sequence sharded over the mesh's `context` axis, blockwise per device (ring.py)
   cudnn      cuDNN flash attention, NVIDIA GPUs only (cudnn.py)
   splash     Pallas splash attention, TPUs only (splash.py)
   auto       ring if the mesh has a context axis > 1; else cudnn on GPU and splash on TPU
-             when the mask allows; else blockwise for long sequences, dense for short
-             (`choose_impl` says which and why)
+             when the mask allows; else blockwise for long sequences; for short ones
+             chunked on CPU when the positions allow, dense otherwise (`choose_impl` says
+             which and why)
 
 Training rows built by the data pipeline carry positions that run 0..n-1 within each
 segment (packed examples, padding as segment 0): `segment_positions=True` says so, and the
 kernels whose masks are static (splash: causal or local window plus segment ids) then
 compute the oracle's function for every token of a non-zero segment (padding, which no
-loss reads, may differ).
+loss reads, may differ). The same property lets `chunked` skip every key at a later
+index than the query.
 
 Every implementation computes the oracle's function (tested against it on random
 inputs, values and gradients). Masks come from positions and segment ids; Hugging
@@ -29,15 +33,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.attention.blockwise import DEFAULT_BLOCK, attend_blockwise
+from jaxlm.attention.chunked import attend_chunked
 from jaxlm.attention.cudnn import attend_cudnn
 from jaxlm.attention.dense import attend_dense, make_mask
 from jaxlm.attention.ring import ring_attention
 from jaxlm.attention.splash import attend_splash
 
-IMPLEMENTATIONS = ('dense', 'blockwise', 'ring', 'cudnn', 'splash', 'auto')
+IMPLEMENTATIONS = ('dense', 'blockwise', 'chunked', 'ring', 'cudnn', 'splash', 'auto')
 AUTO_BLOCKWISE_MIN_SCORES = 2048 * 2048   # T * S above which auto picks blockwise on CPU
 
-__all__ = ['attend', 'attend_dense', 'attend_blockwise', 'ring_attention', 'make_mask',
+__all__ = ['attend', 'attend_dense', 'attend_blockwise', 'attend_chunked', 'ring_attention',
+           'make_mask',
            'IMPLEMENTATIONS']
 
 
@@ -50,7 +56,7 @@ def _context_mesh(mesh):
 
 def choose_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool = False,
                 segments: bool = False, segment_positions: bool = False,
-                platform: str | None = None) -> tuple[str, str]:
+                platform: str | None = None, causal: bool = True) -> tuple[str, str]:
   """(the concrete kernel `auto` stands for in this setting, why); other names are
   returned unchanged. `platform`: the devices' ('cpu', 'gpu', 'tpu'; default this
   process's)."""
@@ -61,7 +67,8 @@ def choose_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool 
     return 'ring', f'the mesh shards the sequence over context={ctx.shape["context"]}'
   platform = platform or jax.devices()[0].platform
   permuted = custom_positions and not segment_positions   # not 0..n-1 per segment
-  fallback = 'blockwise' if T * S > AUTO_BLOCKWISE_MIN_SCORES else 'dense'
+  long = T * S > AUTO_BLOCKWISE_MIN_SCORES
+  fallback = 'blockwise' if long else 'dense'
   if platform == 'gpu':
     if not custom_positions and not segments:
       return 'cudnn', 'natural positions, no segments'
@@ -72,14 +79,18 @@ def choose_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool 
       return 'splash', ('positions run 0..n-1 within each segment: static causal/local '
                         'masks plus segment ids' if segments else 'natural positions')
     return fallback, 'positions are permuted or offset (splash masks are static)'
+  if not long and causal and T == S and not permuted:
+    return 'chunked', (f'no fused kernel on {platform}; causal self-attention in index order: '
+                       'query chunks skip the keys after them')
   return fallback, f'no fused kernel on {platform}'
 
 
 def resolve_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool = False,
-                 segments: bool = False, segment_positions: bool = False) -> str:
+                 segments: bool = False, segment_positions: bool = False,
+                 causal: bool = True) -> str:
   """The concrete kernel `auto` stands for in this setting (others: unchanged)."""
   return choose_impl(impl, T=T, S=S, mesh=mesh, custom_positions=custom_positions,
-                     segments=segments, segment_positions=segment_positions)[0]
+                     segments=segments, segment_positions=segment_positions, causal=causal)[0]
 
 
 def attend(
@@ -128,7 +139,12 @@ def attend(
   custom_positions = q_positions_BxT is not None or kv_positions_BxS is not None
   segments = q_segment_ids_BxT is not None or kv_segment_ids_BxS is not None
   impl = resolve_impl(impl, T=T, S=S, mesh=mesh, custom_positions=custom_positions,
-                      segments=segments, segment_positions=segment_positions)
+                      segments=segments, segment_positions=segment_positions, causal=causal)
+  if impl == 'chunked' and (not causal or T != S or (custom_positions and not segment_positions)):
+    raise ValueError("attention impl='chunked' needs causal self-attention in index order "
+                     f'(causal={causal}, T={T}, S={S}, positions '
+                     f"{'given without segment_positions=True' if custom_positions else 'natural'})"
+                     ": use 'dense' or 'blockwise'")
 
   if impl == 'cudnn':
     return attend_cudnn(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, causal=causal,
@@ -156,6 +172,8 @@ def attend(
                causal=causal, sliding_window=sliding_window, scale=scale)
   if impl == 'dense':
     return attend_dense(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, **masks)
+  if impl == 'chunked':
+    return attend_chunked(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, **masks)
   if impl == 'blockwise':
     return attend_blockwise(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, block_q=block_q,
                             block_kv=block_kv, **masks)

@@ -19,7 +19,7 @@ head applied only to the answer positions (hidden states of `model.model(...)` s
 `model.lm_head`), the like-for-like comparison.
 
   python -m jaxlm.bench.step                      # d256, 4 layers, vocab 32000, B4 x T256
-  python -m jaxlm.bench.step --vocab 512 --seq 512 --batch 8 --steps 10 --attention blockwise
+  python -m jaxlm.bench.step --vocab 512 --seq 512 --batch 8 --steps 10 --attention dense,chunked
   python -m jaxlm.bench.step --shape smollm2-135m --batch 4 --seq 448 --answer_tokens 32
 """
 
@@ -38,6 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxlm.attention import IMPLEMENTATIONS, choose_impl
 from jaxlm.model import get_config, init_model
 
 # Model shapes that are not presets of jaxlm.model: (base preset, overrides).
@@ -206,7 +207,8 @@ def main(argv=None):
   parser.add_argument('--seq', type=int, default=256)
   parser.add_argument('--steps', type=int, default=8)
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps (at least 1 runs)')
-  parser.add_argument('--attention', default='dense', help='jaxlm attention_impl')
+  parser.add_argument('--attention', default='auto',
+                      help='jaxlm attention_impl; a comma-separated list times one jaxlm row each')
   parser.add_argument('--answer_tokens', type=int, default=0,
                       help='loss on the last K targets of each row only (0: every token)')
   parser.add_argument('--skip_torch', action='store_true')
@@ -226,7 +228,11 @@ def main(argv=None):
     cli['vocab_size'] = args.vocab
   if args.layers:
     cli['num_layers'] = args.layers
-  cfg = get_config(preset, **{'attention_impl': args.attention, **overrides, **cli})
+  impls = [a.strip() for a in args.attention.split(',') if a.strip()]
+  bad = [a for a in impls if a not in IMPLEMENTATIONS]
+  if bad or not impls:
+    parser.error(f'--attention={args.attention!r}: {bad or "nothing"} not in {IMPLEMENTATIONS}')
+  cfg = get_config(preset, **{'attention_impl': impls[0], **overrides, **cli})
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
   n_tokens = args.batch * args.seq
   print(f'machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} '
@@ -240,8 +246,13 @@ def main(argv=None):
                     'every token'))
   head = f', head at the {K} answer positions' if K else ''
   # (label, short name for the ratio line, (first, times) or an error string)
-  rows = [(f'jaxlm (jax.jit, {args.attention} attention{head})', 'jaxlm',
-           bench_jax(cfg, tokens, args.warmup, args.steps, K))]
+  rows = []
+  for impl in impls:
+    shown = impl if impl != 'auto' else (
+        f"auto = {choose_impl('auto', T=args.seq, S=args.seq)[0]}")
+    rows.append((f'jaxlm (jax.jit, {shown} attention{head})',
+                 'jaxlm' if len(impls) == 1 else f'jaxlm {impl}',
+                 bench_jax(cfg.replace(attention_impl=impl), tokens, args.warmup, args.steps, K)))
   if not args.skip_torch:
     import torch
     prefix = (f'transformers {__import__("transformers").__version__} '
@@ -274,9 +285,12 @@ def main(argv=None):
     first, times = result
     med = medians[short] = statistics.median(times)
     print(f'| {label} | {med:.3f} | {min(times):.3f} | {n_tokens / med:,.0f} | {first:.2f} |')
-  for short, med in medians.items():
-    if short != 'jaxlm':
-      print(f'jaxlm / {short} throughput ratio (medians): {med / medians["jaxlm"]:.2f}x')
+  for mine, own in medians.items():
+    if not mine.startswith('jaxlm'):
+      continue
+    for short, med in medians.items():
+      if not short.startswith('jaxlm'):
+        print(f'{mine} / {short} throughput ratio (medians): {med / own:.2f}x')
 
 
 if __name__ == '__main__':
