@@ -44,9 +44,10 @@ def dense_step():
   return logits, _train_step(model, TOKENS)
 
 
-def test_blockwise_model_matches_dense(dense_step):
+@pytest.mark.parametrize('impl', ['blockwise', 'chunked'])
+def test_kernel_model_matches_dense(dense_step, impl):
   logits, (loss, grads, params) = dense_step
-  model = _model('blockwise')
+  model = _model(impl)
   np.testing.assert_allclose(model(TOKENS[:, :-1]), logits, atol=2e-5)
   got_loss, got_grads, got_params = nnx.jit(_train_step)(model, TOKENS)
   np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
