@@ -6,9 +6,14 @@ from jaxlm.bench import attention_check, data, mfu, step
 
 def test_step_benchmark_runs(capsys):
   step.main(['--preset', 'tiny', '--batch', '1', '--seq', '16', '--steps', '1', '--warmup', '1',
-             '--no_torch_compile'])
+             '--no_torch_compile', '--attention', 'dense,auto'])
   out = capsys.readouterr().out
   assert 'jaxlm (jax.jit, dense attention)' in out and 'throughput ratio' in out
+  assert 'jaxlm (jax.jit, auto = chunked attention)' in out      # what auto picks on CPU
+  assert 'jaxlm dense / torch throughput ratio' in out
+  assert 'jaxlm auto / torch throughput ratio' in out
+  with pytest.raises(SystemExit):
+    step.main(['--attention', 'dense,flash'])
 
 
 def test_step_benchmark_answer_only_loss_and_smollm2_shape(capsys, monkeypatch):
@@ -41,7 +46,7 @@ def test_step_benchmark_answer_only_loss_and_smollm2_shape(capsys, monkeypatch):
              '--seq', '16', '--answer_tokens', '4', '--steps', '1', '--warmup', '1'])
   out = capsys.readouterr().out
   assert 'llama, 1 layers' in out and 'mean over the last 4 targets' in out
-  assert 'jaxlm (jax.jit, dense attention, head at the 4 answer positions)' in out
+  assert 'jaxlm (jax.jit, auto = chunked attention, head at the 4 answer positions)' in out
   assert 'labels -100 outside the answer' in out and 'head at the answer positions only' in out
   assert out.count('| failed: RuntimeError: no |') == 2
   assert 'jaxlm / torch throughput ratio' in out
