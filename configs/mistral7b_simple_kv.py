@@ -23,6 +23,9 @@ def get_config():
   c.model.dtype = 'bfloat16'          # compute
   c.model.attention_impl = 'auto'     # cuDNN on GPU, splash on TPU, blockwise elsewhere
   c.model.remat = 'full'
+  c.model.scan_layers = True          # compiles one block, not 32 (v5p-8 AOT: 39 s vs 205 s),
+                                      # for 6.5 GiB more per chip at 4K (BENCHMARKS.md); where
+                                      # memory is tight: --config.model.scan_layers=False
   c.data.task = 'simple_kv'
   c.data.task_fields.num_dicts = 85
   c.data.task_fields.num_tokens = 3996

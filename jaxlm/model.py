@@ -475,8 +475,17 @@ class Mistral(nnx.Module):
   def _scan(self, step, x, *per_layer, remat: str = 'none'):
     """Stacked layers as one jax.lax.scan: step(block, x, *that layer's slices of
     per_layer) -> (x, outputs); returns (x, outputs stacked over layers). The body is
-    traced once, so compile time does not grow with depth; `remat` checkpoints it."""
+    traced once, so compile time does not grow with depth; `remat` checkpoints it.
+
+    The stacked parameters enter the scan already in the compute dtype (every use in a
+    block casts to it anyway): the scan's backward then stacks the layers' gradients in
+    that dtype, and the cast to the parameters' dtype happens outside the loop, where
+    XLA fuses it into the optimizer instead of keeping a float32 copy of the whole
+    stack's gradient (the unrolled layers never had one)."""
     graphdef, stacked = nnx.split(self.layers)
+    dt = DTYPES[self.cfg.dtype]
+    stacked = jax.tree.map(
+        lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, stacked)
 
     def body(x, xs):
       return step(nnx.merge(graphdef, xs[0]), x, *xs[1:])

@@ -139,3 +139,11 @@ def test_fit_study_table_names_the_smallest_fitting_topology(tmp_path):
   assert '- 32768 tokens: smallest fitting topology v5p-16' in text
   assert '- 131072 tokens: no topology in the study fits' in text
   assert (tmp_path / 'fit.png').stat().st_size > 0 and (tmp_path / 'fit.csv').exists()
+
+
+def test_fit_study_compiles_the_configs_scanned_layers_or_unrolled_ones():
+  from jaxlm.bench import fit
+  mesh = fit.mesh_for(8, 16, 'splash')
+  assert fit.case_config(4096, 'splash', 'full', mesh, None).model.scan_layers is True
+  assert fit.case_config(4096, 'splash', 'full', mesh, None, unrolled=True).model.scan_layers \
+      is False

@@ -59,9 +59,12 @@ def _stacked_state(flat_model, scanned_model):
   nnx.update(scanned_model, target)
 
 
-@pytest.mark.parametrize('remat', ['none', 'full'])
-def test_one_training_step_equals_the_unrolled_models(remat):
-  cfg = get_config('tiny', num_layers=3, remat=remat)
+@pytest.mark.parametrize('remat, dtype', [('none', 'float32'), ('full', 'float32'),
+                                          ('full', 'bfloat16')])
+def test_one_training_step_equals_the_unrolled_models(remat, dtype):
+  """bfloat16: the recipe's mixed precision (float32 parameters, bfloat16 compute), where
+  the scanned model casts the stacked parameters before the scan: the same arithmetic."""
+  cfg = get_config('tiny', num_layers=3, remat=remat, dtype=dtype)
   flat = init_model(cfg, seed=3)
   scanned = init_model(cfg.replace(scan_layers=True), seed=0)
   _stacked_state(flat, scanned)
@@ -84,13 +87,20 @@ def test_one_training_step_equals_the_unrolled_models(remat):
     state, metrics = step(state, batch)   # two steps: the optimizer moments count too
     results.append((nnx.merge(graphdef, state)[0], metrics))
   (m_flat, a), (m_scan, b) = results
-  np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-6)
-  np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=1e-5)
+  # bfloat16 is fused and rounded differently: Adam's sign-like first steps turn a rounding
+  # difference in a near-zero gradient into one of up to lr (3e-3) per step
+  tol = 1 if dtype == 'float32' else 10
+  np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-6 * tol)
+  np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=1e-5 * tol)
   for i in range(cfg.num_layers):
-    np.testing.assert_allclose(m_scan.layers.attn.q_proj[...][i],
-                               m_flat.layers[i].attn.q_proj[...], atol=1e-5)
-    np.testing.assert_allclose(m_scan.layers.mlp.down_proj[...][i],
-                               m_flat.layers[i].mlp.down_proj[...], atol=1e-5)
+    for scan, flat_ in ((m_scan.layers.attn.q_proj[...][i], m_flat.layers[i].attn.q_proj[...]),
+                        (m_scan.layers.mlp.down_proj[...][i], m_flat.layers[i].mlp.down_proj[...])):
+      diff = np.abs(np.asarray(scan) - np.asarray(flat_))
+      if dtype == 'float32':
+        assert diff.max() < 1e-5, diff.max()
+      else:
+        assert diff.max() <= 2 * 3e-3 and np.mean(diff > 1e-5) < 0.02, (diff.max(),
+                                                                        np.mean(diff > 1e-5))
 
 
 def test_the_layers_axis_is_named_and_replicated():

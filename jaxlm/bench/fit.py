@@ -4,6 +4,7 @@ for TPU topologies over context length, attention kernel, remat policy and mesh 
   python -m jaxlm.bench.fit --out=runs/fit                       # the default study
   python -m jaxlm.bench.fit --topologies=v5p-8,v5p-32 --seq_lens=4096,32768 \\
       --attention=blockwise,ring --remat=full --out=runs/fit
+  python -m jaxlm.bench.fit ... --unrolled      # layers unrolled rather than scanned
 
 Each case is `python -m jaxlm.train --config=configs/mistral7b_simple_kv.py --aot_only
 --topology=T` in this process (jaxlm.aot.compile_report): per-device memory from the
@@ -28,7 +29,7 @@ from typing import Any
 
 from jaxlm import report
 
-COLUMNS = ('topology', 'seq_len', 'attention', 'remat', 'mesh', 'fits', 'gib_per_device',
+COLUMNS = ('topology', 'seq_len', 'attention', 'remat', 'layers', 'mesh', 'fits', 'gib_per_device',
            'hbm_gib', 'arguments_gib', 'temporaries_gib', 'step_time_lower_bound_s',
            'mfu_upper_bound', 'compile_s', 'status')
 
@@ -47,9 +48,11 @@ def mesh_for(chips: int, batch: int, attention: str) -> dict[str, int]:
 
 
 def case_config(seq_len: int, attention: str, remat: str, mesh: dict[str, int],
-                layers: int | None):
+                layers: int | None, unrolled: bool = False):
   from configs import mistral7b_simple_kv
   c = mistral7b_simple_kv.get_config()
+  if unrolled:
+    c.model.scan_layers = False
   c.data.seq_len = seq_len
   c.model.attention_impl = attention
   c.model.remat = remat
@@ -62,17 +65,18 @@ def case_config(seq_len: int, attention: str, remat: str, mesh: dict[str, int],
 
 
 def run_case(topology: str, seq_len: int, attention: str, remat: str,
-             layers: int | None, workdir: str) -> dict[str, Any]:
+             layers: int | None, workdir: str, unrolled: bool = False) -> dict[str, Any]:
   from jaxlm import aot
   from jaxlm import train as trainer
   topo = aot.parse_topology(topology)
   mesh = mesh_for(topo.num_devices, 16, attention)
   row: dict[str, Any] = {'topology': topology, 'seq_len': seq_len, 'attention': attention,
-                         'remat': remat, 'hbm_gib': topo.chip['hbm'] / 2**30,
+                         'remat': remat, 'layers': 'unrolled' if unrolled else 'scanned',
+                         'hbm_gib': topo.chip['hbm'] / 2**30,
                          'mesh': 'x'.join(f'{k}{v}' for k, v in mesh.items() if v > 1)}
   t0 = time.time()
   try:
-    r = trainer.train(case_config(seq_len, attention, remat, mesh, layers), workdir,
+    r = trainer.train(case_config(seq_len, attention, remat, mesh, layers, unrolled), workdir,
                       aot_only=True, topology=topology, log=lambda _: None)
   except (trainer.ConfigError, aot.TopologyError) as e:
     row.update(status=f'config error: {e}', fits=None)
@@ -150,6 +154,8 @@ def main(argv=None) -> None:
   p.add_argument('--attention', default='blockwise')
   p.add_argument('--remat', default='full')
   p.add_argument('--layers', type=int, default=None, help='compile a shallower model')
+  p.add_argument('--unrolled', action='store_true',
+                 help="unrolled layers (model.scan_layers=False); default: the config's scan")
   p.add_argument('--all', action='store_true',
                  help='compile every topology; default: per context length, kernel and remat, '
                       'stop at the first topology (in the given order) that fits')
@@ -178,8 +184,9 @@ def main(argv=None) -> None:
       continue   # a smaller topology already fits this case
     if not a.all and any(t == bt and T > bT and (attn, remat) == k for bt, bT, k in too_big):
       continue   # a shorter context already does not fit this topology
-    key = (t, T, attn, remat, a.layers)
-    row = done.get(key) or run_case(t, T, attn, remat, a.layers, os.path.join(a.out, 'aot'))
+    key = (t, T, attn, remat, a.layers) + (('unrolled',) if a.unrolled else ('scanned',))
+    row = done.get(key) or run_case(t, T, attn, remat, a.layers, os.path.join(a.out, 'aot'),
+                                    a.unrolled)
     done[key] = {**row, 'key': list(key)}
     with open(done_path, 'w') as f:
       json.dump(list(done.values()), f, indent=1)
