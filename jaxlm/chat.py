@@ -25,6 +25,9 @@ newline) is text between turns that no loss is taken on.
   today's date; that block is not rendered here (pass it as `system` to have it).
 - 'none': the raw prompt (the from-scratch demo), bos by the tokenizer's convention, eos
   closes the answer.
+- 'plain': the raw prompt without bos, eos closes the answer: what lm-evaluation-harness
+  feeds a causal model unless asked for a chat template (its HF model encodes with
+  add_special_tokens=False); the general benchmarks' default.
 
 `detect_chat_format(tokenizer)` picks one from the tokenizer's chat template (or, without
 one, its vocabulary); `resolve('auto', tokenizer)` goes through it, any other name
@@ -73,6 +76,7 @@ FORMATS: dict[str, ChatFormat] = {f.name: f for f in (
                                '<|eot_id|>'),
                markers=('<|start_header_id|>',)),
     ChatFormat('none', turn='{prompt}', bos=True, end_of_turn=None),
+    ChatFormat('plain', turn='{prompt}', bos=False, end_of_turn=None),
 )}
 AUTO = 'auto'
 NAMES = (*FORMATS, AUTO)

@@ -194,13 +194,15 @@ def test_every_suite_runs_end_to_end_and_missing_answers_score_zero(runner, tmp_
       ('closedbook', None), ('oracle', 1), ('haystack', 1), ('haystack', 3)}
   metrics_ = {s['metric'] for s in res['scores'] if s['suite'] == 'general'}
   assert metrics_ == {'mmlu_accuracy', 'mmlu_subject_mean', 'hellaswag_acc',
-                      'hellaswag_acc_norm', 'gsm8k_accuracy', 'triviaqa_em', 'nq_open_em'}
+                      'hellaswag_acc_norm', 'gsm8k_strict_match', 'gsm8k_flexible_extract',
+                      'triviaqa_em', 'nq_open_em'}
   for suite in ('kv', 'mdqa', 'flenqa', 'general', 'litm_kv'):
     lines = open(tmp_path / f'predictions_{suite}.jsonl').read().splitlines()
     assert lines
     for line in lines:
       rec = json.loads(line)
-      assert {'id', 'gold_position', 'prediction', 'answers', 'score'} <= set(rec)
+      assert {'id', 'gold_position', 'prediction', 'answers', 'score', 'prompt'} <= set(rec)
+      assert isinstance(rec['prompt'], str) and rec['prompt']
   # An untrained model answers (almost) nothing right: every example is still counted.
   for s in res['scores']:
     assert s['n'] > 0 and 0 <= s['value'] <= 1
@@ -222,6 +224,8 @@ def test_kv_suite_scores_a_perfect_answerer_as_perfect(runner):
 
     def __init__(self, right):
       self.right = right
+
+    render = staticmethod(lambda prompt: prompt)
 
     def generate(self, prompts, max_new_tokens, label=''):
       return [self.answers.pop(0) if self.right else '' for _ in prompts]

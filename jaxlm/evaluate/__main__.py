@@ -45,6 +45,9 @@ _KV_LENGTHS = flags.DEFINE_list('kv_lengths', None, 'kv: numbers of dictionaries
 _COT = flags.DEFINE_enum('cot', 'both', ['both', 'yes', 'no'], 'flenqa chain-of-thought prompts')
 _N = flags.DEFINE_integer('num_examples', None, 'examples per setting (default: all; kv: 50)')
 _SHOTS = flags.DEFINE_integer('shots', None, "few-shot examples (default: each benchmark's)")
+_CHAT_TEMPLATE = flags.DEFINE_boolean(
+    'chat_template', False, 'general benchmarks: wrap each prompt in the chat format (default: '
+    "the raw prompt without bos, as lm-evaluation-harness does unless asked)")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, "override each suite's generation length")
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'sequences per model call')
 _CHAT = flags.DEFINE_enum('chat_format', None, list(CHAT_FORMATS),
@@ -152,10 +155,12 @@ def main(argv):
                  num_examples=_N.value, num_docs=[int(x) for x in _NUM_DOCS.value],
                  kv_lengths=kv_lengths, kv_task=kv_task, kv_fields=kv_fields,
                  cot={'both': [False, True], 'yes': [True], 'no': [False]}[_COT.value],
-                 shots=_SHOTS.value, max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
+                 shots=_SHOTS.value, max_new_tokens=_MAX_NEW.value, seed=_SEED.value,
+                 chat_template=_CHAT_TEMPLATE.value)
   settings = {'suites': _SUITE.value, 'positions': opts.positions, 'num_examples': _N.value,
               'num_docs': opts.num_docs, 'kv_lengths': kv_lengths, 'kv_task': kv_task,
               'cot': _COT.value, 'shots': _SHOTS.value, 'max_new_tokens': _MAX_NEW.value,
+              'chat_template': _CHAT_TEMPLATE.value,
               'batch_size': _BATCH.value, 'seed': _SEED.value, 'data': opts.data,
               'mesh': dict(mesh.shape), 'device_kind': jax.devices()[0].device_kind}
   name = _NAME.value or os.path.basename(os.path.normpath(_OUT.value))

@@ -32,6 +32,8 @@ class Options:
   shots: int | None = None               # None: each benchmark's default
   max_new_tokens: int | None = None      # None: each suite's default
   seed: int = 0
+  chat_template: bool = False            # general suites: wrap prompts in the chat format
+                                         # (lm-eval's default, False: raw prompt, no bos)
 
   def path(self, name: str, default: str) -> str:
     p = self.data.get(name, default)

@@ -133,7 +133,7 @@ def main(argv=None):
       f.write(table(runs, markdown=True) + '\n')
     scores = {r['name']: r['scores'] for r in runs}
     for suite, metric, group in (('mdqa', 'best_subspan_em', 'num_docs'),
-                                 ('litm_kv', 'best_subspan_em', None),
+                                 ('litm_kv', 'accuracy', None),
                                  ('kv', 'accuracy', 'num_dicts')):
       if plots.position_curves(scores, os.path.join(args.out, f'{suite}_by_position.png'),
                                suite=suite, metric=metric, group_key=group):

@@ -36,7 +36,7 @@ def run_suites(runner, suites: list[str], opts: Options, out: str, name: str,
       for p in res.predictions:
         f.write(json.dumps(p) + '\n')
     if suite in ('mdqa', 'litm_kv'):
-      metric = 'best_subspan_em'
+      metric = 'best_subspan_em' if suite == 'mdqa' else 'accuracy'
       plots.position_curves({name: res.scores}, os.path.join(out, f'{suite}_by_position.png'),
                             suite=suite, metric=metric,
                             group_key='num_docs' if suite == 'mdqa' else None)

@@ -47,7 +47,8 @@ def evaluate_retrieval(model, tokenizer, task: str, task_fields: dict[str, Any],
       predictions.append({'id': f'{seed}-{ex.index}', 'gold_position': position,
                           'gold_dict': ex.gold_dict, 'num_dicts': ex.num_dicts,
                           'prediction': text, 'answers': [ex.answer], 'score': float(score['all']),
-                          'value_correct': score['value'], 'dict_correct': score['dict']})
+                          'value_correct': score['value'], 'dict_correct': score['dict'],
+                          'prompt': runner.render(ex.prompt)})
       if len(samples) < keep_examples:
         samples.append({'position': position, 'answer': ex.answer, 'output': text})
     all_scores += scores

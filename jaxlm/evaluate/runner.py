@@ -11,6 +11,7 @@ the throughput report, and show progress on long runs.
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import time
@@ -74,6 +75,20 @@ class Runner:
     self.stats = {'prefill_tokens': 0, 'decode_tokens': 0, 'generate_s': 0.0,
                   'loglik_tokens': 0, 'loglik_s': 0.0}
 
+  def with_format(self, chat_format: str) -> 'Runner':
+    """The same model and counters with prompts wrapped in another chat format."""
+    other = copy.copy(self)   # shares the model, tokenizer and stats
+    other.format = chat.resolve(chat_format, self.tokenizer)
+    other.chat_format = other.format.name
+    other.end_of_turn_id = chat.end_of_turn_id(other.format, self.tokenizer)
+    other.stop_ids = {other.end_of_turn_id} | (
+        {self.tokenizer.eos_id} if self.tokenizer.eos_id is not None else set())
+    return other
+
+  def render(self, prompt: str) -> str:
+    """The text the model reads for `prompt` (the chat format applied; bos not shown)."""
+    return chat.render_prompt(self.format, prompt)
+
   def encode_prompt(self, prompt: str, ids=None) -> list[int]:
     return chat.prompt_ids(self.format, self.tokenizer, prompt, ids=ids)
 
@@ -110,18 +125,19 @@ class Runner:
     return out
 
   def split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Tokens of (context, continuation) as the model reads them joined: the continuation
-    is whatever the joined text's tokens add after their common prefix with the context's
-    (sentencepiece may merge across the boundary)."""
+    """Tokens of (context, continuation) as lm-evaluation-harness splits them
+    (HFLM._encode_pair): trailing whitespace of the context moves to the continuation, the
+    context is encoded on its own, and the continuation is what the joined text's tokens
+    hold beyond the context's length."""
     text = chat.render_prompt(self.format, context)
+    n = len(text) - len(text.rstrip())
+    if n:
+      text, continuation = text[:-n], text[-n:] + continuation
     ctx = self.tokenizer.encode(text, bos=self.format.bos)
     full = self.tokenizer.encode(text + continuation, bos=self.format.bos)
-    k = 0
-    while k < min(len(ctx), len(full)) and ctx[k] == full[k]:
-      k += 1
-    if k == len(full):
+    if len(full) <= len(ctx):
       raise ValueError(f'continuation {continuation!r} adds no tokens to its context')
-    return full[:k], full[k:]
+    return ctx, full[len(ctx):]
 
   def loglik(self, pairs: Sequence[tuple[str, str]], label: str = 'loglik'
              ) -> list[tuple[float, int, bool]]:

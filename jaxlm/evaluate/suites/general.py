@@ -1,23 +1,42 @@
-"""General benchmarks that fine-tuning must not hurt (the paper's Table 2).
+"""General benchmarks that fine-tuning must not hurt (the paper's Table 2), each scored
+as lm-evaluation-harness scores it (the reference file is named per benchmark; 0.4.x):
 
-- MMLU (Hendrycks et al.): the original CSV release, `{dev,test}/{subject}_{split}.csv`
-  with rows `question,A,B,C,D,answer`; k-shot (default 5) from the subject's dev file;
-  the answer is the letter with the highest log-likelihood after `Answer:`. Accuracy over
-  all questions and the mean over subjects.
-- HellaSwag (Zellers et al.): hellaswag_{split}.jsonl with `ctx_a`, `ctx_b`,
-  `activity_label`, `endings`, `label`; log-likelihood of each ending after the context,
-  `acc` (raw) and `acc_norm` (divided by the ending's length in characters), with the
-  usual clean-up of WikiHow bracket tags.
-- GSM8K (Cobbe et al.): test.jsonl with `question`, `answer` (ending `#### N`);
-  `Question: ...\\nAnswer:` with k-shot worked solutions (default 0), greedy generation,
-  the final number against N.
-- TriviaQA (Joshi et al.): the official JSON (`{"Data": [{"Question", "Answer":
-  {"Aliases", ...}}]}`) or one such record per line; `Question: ...?\\nAnswer:`, exact match
-  against the aliases after normalization.
-- NQ-Open (Lee et al.): jsonl with `question` and `answer` (or Lost in the Middle's
-  `answers`); `Q: ...?\\nA:`, exact match against the answers.
+- MMLU (Hendrycks et al.; lm_eval/tasks/mmlu/default/_default_template_yaml): the original
+  CSV release, `{dev,test}/{subject}_{split}.csv` with rows `question,A,B,C,D,answer`;
+  "The following are multiple choice questions (with answers) about {subject}.\\n\\n",
+  k-shot (default 5) from the first rows of the subject's dev file, each
+  `{question.strip()}\\nA. ..\\nD. ..\\nAnswer: X` joined by a blank line; the answer is
+  the letter " A".." D" of highest log-likelihood. Accuracy over all questions and the
+  mean over subjects.
+- HellaSwag (Zellers et al.; lm_eval/tasks/hellaswag/hellaswag.yaml and utils.py):
+  hellaswag_{split}.jsonl with `ctx_a`, `ctx_b`, `activity_label`, `endings`, `label`;
+  the log-likelihood of " " + each ending after the cleaned context; `acc`, and
+  `acc_norm`: the log-likelihood divided by the ending's length in characters (the
+  ending's, without the space).
+- GSM8K (Cobbe et al.; lm_eval/tasks/gsm8k/gsm8k.yaml): test.jsonl with `question`,
+  `answer` (ending `#### N`); 5-shot (`--shots`) from the *train* file
+  (`--data=gsm8k_train=FILE`), drawn as lm-eval draws them (random.Random(1234), one
+  sample of k per test question in order), each `Question: q\\nAnswer: {full answer}`
+  joined by a blank line; greedy generation until "Question:" (or an end-of-turn token),
+  256 new tokens; exact match after lm-eval's two filters: `strict-match` (the number after
+  "#### ") and `flexible-extract` (the last number-like span), both reported.
+- TriviaQA (Joshi et al.; lm_eval/tasks/triviaqa/default.yaml): the official JSON
+  (`{"Data": [{"Question", "Answer": {"Aliases", ...}}]}`) or one record per line;
+  `Question: {question}?\\nAnswer:` (a "?" is appended to every question, as the YAML
+  does), generation until a newline, "." or ","; one leading space removed; exact match
+  ignoring case and punctuation against any alias.
+- NQ-Open (Lee et al.; lm_eval/tasks/nq_open/nq_open.yaml): jsonl with `question` and
+  `answer` (or Lost in the Middle's `answers`); "Answer these questions:\\n\\n" then
+  `Q: {question}?\\nA:` (few-shot examples joined by one newline), the same stops and
+  filter; exact match ignoring case, punctuation and the articles of the YAML's regex.
+  The reference data is the `nq_open` validation split (3610 questions); the default
+  file here is Lost in the Middle's 2655-question subset of it (a note says so).
 
-Generation stops at a newline for the short-answer tasks, as in common harnesses.
+No chat template and no bos token by default (lm-eval's HF model encodes the raw prompt
+with add_special_tokens=False): Options.chat_template=True (`--chat_template`) wraps each
+prompt in the run's chat format instead. Few-shot examples for TriviaQA and NQ-Open
+(`--shots`, default 0 as in lm-eval) are the file's first records, which are then not
+evaluated (lm-eval samples them from the train split).
 """
 
 from __future__ import annotations
@@ -26,6 +45,7 @@ import csv
 import glob
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -39,10 +59,12 @@ DEFAULT_DATA = {
     'mmlu': os.path.join(SAMPLES, 'mmlu.sample'),
     'hellaswag': os.path.join(SAMPLES, 'hellaswag.sample.jsonl'),
     'gsm8k': os.path.join(DATA, 'gsm8k', 'test.jsonl'),
+    'gsm8k_train': os.path.join(DATA, 'gsm8k', 'train.jsonl'),   # few-shot examples
     'triviaqa': os.path.join(SAMPLES, 'triviaqa.sample.json'),
     'nq_open': os.path.join(DATA, 'lost-in-the-middle', 'nq-open-oracle.jsonl.gz'),
 }
-DEFAULT_SHOTS = {'mmlu': 5, 'gsm8k': 0, 'triviaqa': 0, 'nq_open': 0, 'hellaswag': 0}
+DEFAULT_SHOTS = {'mmlu': 5, 'gsm8k': 5, 'triviaqa': 0, 'nq_open': 0, 'hellaswag': 0}
+FEWSHOT_SEED = 1234   # lm-eval's default fewshot_random_seed
 LETTERS = 'ABCD'
 
 
@@ -67,7 +89,7 @@ def mmlu_subjects(root: str) -> list[str]:
 
 
 def mmlu_format(row: dict, with_answer: bool) -> str:
-  s = row['question'] + ''.join(f'\n{l}. {c}' for l, c in zip(LETTERS, row['choices']))
+  s = row['question'].strip() + ''.join(f'\n{l}. {c}' for l, c in zip(LETTERS, row['choices']))
   return s + '\nAnswer:' + (f' {row["answer"]}\n\n' if with_answer else '')
 
 
@@ -95,7 +117,9 @@ def run_mmlu(runner, opts, path):
       vals.append(v)
       preds.append({'id': row['id'], 'gold_position': None, 'prediction': choice,
                     'answers': [row['answer']], 'score': v, 'benchmark': 'mmlu',
-                    'subject': subject})
+                    'subject': subject, 'prompt': runner.render(pairs[4 * i][0]),
+                    'choices': [f' {l}' for l in LETTERS],
+                    'loglik': [ll[4 * i + j][0] for j in range(4)]})
     by_subject[subject] = vals
   all_vals = [v for vals in by_subject.values() for v in vals]
   scores.append(score_row('general', 'mmlu_accuracy', all_vals, data=path, shots=k))
@@ -131,11 +155,13 @@ def run_hellaswag(runner, opts, path):
   acc, acc_norm, preds = [], [], []
   for i, r in enumerate(rows):
     lls = [ll[4 * i + j][0] for j in range(4)]
-    norm = [x / len(' ' + e) for x, e in zip(lls, r['endings'])]
+    norm = [x / len(e) for x, e in zip(lls, r['endings'])]   # lm-eval: len(choice)
     acc.append(float(int(np.argmax(lls)) == r['label']))
     acc_norm.append(float(int(np.argmax(norm)) == r['label']))
     preds.append({'id': r['id'], 'gold_position': None, 'prediction': int(np.argmax(norm)),
-                  'answers': [r['label']], 'score': acc_norm[-1], 'benchmark': 'hellaswag'})
+                  'answers': [r['label']], 'score': acc_norm[-1], 'benchmark': 'hellaswag',
+                  'prompt': runner.render(r['query']), 'choices': [' ' + e for e in r['endings']],
+                  'loglik': lls})
   return [score_row('general', 'hellaswag_acc', acc, data=path),
           score_row('general', 'hellaswag_acc_norm', acc_norm, data=path)], preds
 
@@ -174,29 +200,52 @@ def _qa_rows(path: str, benchmark: str) -> list[dict]:
   return rows
 
 
+QA_STOP = ('\n', '.', ',')   # lm-eval's `until` for triviaqa and nq_open
+
+
 def qa_prompt(benchmark: str, question: str, answer: str | None = None) -> str:
-  q = question.strip().rstrip('?')
-  s = f'Q: {q}?\nA:' if benchmark == 'nq_open' else f'Question: {q}?\nAnswer:'
-  return s + (f' {answer}\n\n' if answer is not None else '')
+  """lm-eval's doc_to_text (the question as given, "?" appended), with ` answer` for a
+  few-shot example."""
+  s = f'Q: {question}?\nA:' if benchmark == 'nq_open' else f'Question: {question}?\nAnswer:'
+  return s + (f' {answer}' if answer is not None else '')
+
+
+def qa_context(benchmark: str, shots: list[dict], question: str) -> str:
+  """description + few-shot examples + the question, with the task's delimiters."""
+  description = 'Answer these questions:\n\n' if benchmark == 'nq_open' else ''
+  delim = '\n' if benchmark == 'nq_open' else '\n\n'
+  head = ''.join(qa_prompt(benchmark, s['question'], s['answers'][0]) + delim for s in shots)
+  return description + head + qa_prompt(benchmark, question)
+
+
+def qa_score(benchmark: str, output: str, answers: list[str]) -> float:
+  ignore = metrics.NQ_OPEN_IGNORE if benchmark == 'nq_open' else ()
+  return metrics.lm_eval_exact_match(metrics.remove_leading_space(output), answers,
+                                     regexes_to_ignore=ignore, ignore_case=True,
+                                     ignore_punctuation=True)
 
 
 def run_short_qa(runner, opts, path, benchmark):
   rows = _qa_rows(path, benchmark)
   k = DEFAULT_SHOTS[benchmark] if opts.shots is None else opts.shots
   shots, rows = rows[:k], take(rows[k:], opts.num_examples)   # shots never evaluated
-  head = ''.join(qa_prompt(benchmark, s['question'], s['answers'][0]) for s in shots)
-  outs = runner.generate([head + qa_prompt(benchmark, r['question']) for r in rows],
-                         max_new_tokens=opts.max_new_tokens or 32, stop=('\n',), label=benchmark)
+  prompts = [qa_context(benchmark, shots, r['question']) for r in rows]
+  outs = runner.generate(prompts, max_new_tokens=opts.max_new_tokens or 32, stop=QA_STOP,
+                         label=benchmark)
   vals, preds = [], []
-  for r, out in zip(rows, outs):
-    v = metrics.exact_match(out.strip(), r['answers'])
+  for r, out, prompt in zip(rows, outs, prompts):
+    v = qa_score(benchmark, out, r['answers'])
     vals.append(v)
     preds.append({'id': r['id'], 'gold_position': None, 'prediction': out,
-                  'answers': r['answers'], 'score': v, 'benchmark': benchmark})
+                  'answers': r['answers'], 'score': v, 'benchmark': benchmark,
+                  'prompt': runner.render(prompt)})
   return [score_row('general', f'{benchmark}_em', vals, data=path, shots=k)], preds
 
 
-def run_gsm8k(runner, opts, path):
+GSM8K_STOP = ('Question:', '</s>', '<|im_end|>')   # lm-eval's `until`
+
+
+def read_gsm8k(path: str) -> list[dict]:
   rows = []
   for lineno, rec in read_jsonl(path, ('question', 'answer')):
     try:
@@ -205,32 +254,69 @@ def run_gsm8k(runner, opts, path):
       raise DataError(f'{path}:{lineno}: {e}') from e
     rows.append({'id': f'{os.path.basename(path)}:{lineno}', 'question': rec['question'],
                  'answer': rec['answer'], 'gold': gold})
-  k = DEFAULT_SHOTS['gsm8k'] if opts.shots is None else opts.shots
-  shots, rows = rows[:k], take(rows[k:], opts.num_examples)
+  if not rows:
+    raise DataError(f'{path}: no records')
+  return rows
 
-  def solution(s):   # the worked answer with its calculator annotations removed
-    body, n = s['answer'].split('####')
-    return re.sub(r'<<.*?>>', '', body).strip() + f' The answer is {n.strip()}.'
-  head = ''.join(f'Question: {s["question"]}\nAnswer: {solution(s)}\n\n' for s in shots)
-  outs = runner.generate([head + f'Question: {r["question"]}\nAnswer:' for r in rows],
-                         max_new_tokens=opts.max_new_tokens or 256,
-                         stop=('\n\nQuestion:', '\n\n\n'), label='gsm8k')
-  vals, preds = [], []
-  for r, out in zip(rows, outs):
-    got = metrics.gsm8k_number(out)
-    v = float(got == r['gold'])
-    vals.append(v)
-    preds.append({'id': r['id'], 'gold_position': None, 'prediction': out, 'extracted': got,
-                  'answers': [r['gold']], 'score': v, 'benchmark': 'gsm8k'})
-  return [score_row('general', 'gsm8k_accuracy', vals, data=path, shots=k)], preds
+
+def gsm8k_prompts(test: list[dict], train: list[dict], k: int,
+                  seed: int = FEWSHOT_SEED) -> list[str]:
+  """Each test question after k examples sampled from train as lm-eval samples them: one
+  random.Random(seed), `rnd.sample(train, k)` per question in order."""
+  rnd = random.Random(seed)
+  out = []
+  for r in test:
+    shots = rnd.sample(train, k) if k else []
+    head = ''.join(f'Question: {s["question"]}\nAnswer: {s["answer"]}\n\n' for s in shots)
+    out.append(head + f'Question: {r["question"]}\nAnswer:')
+  return out
+
+
+def gsm8k_scores(output: str, answer: str) -> dict[str, float | str]:
+  """lm-eval's two GSM8K filters and exact_match against the full answer field."""
+  kw = dict(regexes_to_ignore=metrics.GSM8K_IGNORE, ignore_case=True)
+  strict = metrics.lm_eval_regex(output, metrics.GSM8K_STRICT)
+  flexible = metrics.lm_eval_regex(output, metrics.GSM8K_FLEXIBLE, group_select=-1)
+  return {'strict': strict, 'flexible': flexible,
+          'strict_match': metrics.lm_eval_exact_match(strict, [answer], **kw),
+          'flexible_extract': metrics.lm_eval_exact_match(flexible, [answer], **kw)}
+
+
+def run_gsm8k(runner, opts, path):
+  test = take(read_gsm8k(path), opts.num_examples)
+  k = DEFAULT_SHOTS['gsm8k'] if opts.shots is None else opts.shots
+  train_path = opts.path('gsm8k_train', DEFAULT_DATA['gsm8k_train']) if k else None
+  train = read_gsm8k(train_path) if k else []
+  if len(train) < k:
+    raise DataError(f'gsm8k: {k}-shot needs {k} examples in {train_path}, found {len(train)}')
+  prompts = gsm8k_prompts(test, train, k)
+  outs = runner.generate(prompts, max_new_tokens=opts.max_new_tokens or 256, stop=GSM8K_STOP,
+                         label='gsm8k')
+  strict, flexible, preds = [], [], []
+  for r, out, prompt in zip(test, outs, prompts):
+    s = gsm8k_scores(out, r['answer'])
+    strict.append(s['strict_match'])
+    flexible.append(s['flexible_extract'])
+    preds.append({'id': r['id'], 'gold_position': None, 'prediction': out,
+                  'extracted': {'strict-match': s['strict'], 'flexible-extract': s['flexible']},
+                  'answers': [r['gold']], 'score': s['strict_match'], 'benchmark': 'gsm8k',
+                  'prompt': runner.render(prompt)})
+  rows = dict(data=path, shots=k, fewshot_data=train_path)
+  return [score_row('general', 'gsm8k_strict_match', strict, **rows),
+          score_row('general', 'gsm8k_flexible_extract', flexible, **rows)], preds
 
 
 def run(runner, opts: Options, benchmarks=BENCHMARKS) -> SuiteResult:
   scores, preds, notes = [], [], []
+  if not opts.chat_template:   # lm-eval's default: the raw prompt, no bos
+    runner = runner.with_format('plain')
   for b in benchmarks:
     path = opts.path(b, DEFAULT_DATA[b])
     if os.path.abspath(path).startswith(os.path.abspath(SAMPLES)):
       notes.append(f'general/{b}: the shipped data are hand-made sample records, not {b}')
+    if b == 'nq_open' and path == DEFAULT_DATA['nq_open']:
+      notes.append('general/nq_open: Lost in the Middle\'s 2655-question subset of the NQ-Open '
+                   'validation split (lm-eval uses all 3610: --data=nq_open=FILE)')
     if b == 'mmlu':
       s, p = run_mmlu(runner, opts, path)
     elif b == 'hellaswag':

@@ -4,8 +4,8 @@ A transfer test: our models are fine-tuned on numeric dictionaries, never on thi
 Records follow nelson-liu/lost-in-the-middle's kv_retrieval_data: `ordered_kv_records`
 (a list of [key, value]), `key`, `value`. The gold pair is moved to each requested
 position (its make_kv_retrieval_data.py does the same with --gold-index); the records are
-rendered as in its get_kv_retrieval_prompt; the score is best subspan exact match of the
-value in the generation's first line (its evaluate_kv_responses.py).
+rendered as in its get_kv_retrieval_prompt; the score is its scripts/evaluate_kv_responses.py
+`accuracy`: 1 when the value occurs anywhere in the whole generation, case ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ from jaxlm.evaluate.suites.mdqa import template
 
 DEFAULT_DATA = os.path.join(DATA, 'lost-in-the-middle', 'kv-retrieval-75_keys.jsonl.gz')
 MAX_NEW_TOKENS = 100
+
+
+def kv_accuracy(output: str, value: str) -> float:
+  """Lost in the Middle's kv accuracy: value.lower() in output.lower()."""
+  return float(value.lower() in output.lower())
 
 
 def render_records(pairs: list[tuple[str, str]]) -> str:
@@ -64,11 +69,11 @@ def run(runner, opts: Options) -> SuiteResult:
     outs = runner.generate(prompts, max_new_tokens=opts.max_new_tokens or MAX_NEW_TOKENS,
                            label=f'litm_kv {n} pairs, gold at {p}')
     vals = []
-    for r, out in zip(records, outs):
-      v = metrics.best_subspan_em(metrics.first_line(out), [r['value']])
+    for r, out, prompt in zip(records, outs, prompts):
+      v = kv_accuracy(out, r['value'])
       vals.append(v)
       preds.append({'id': r['id'], 'gold_position': p, 'num_pairs': n, 'prediction': out,
-                    'answers': [r['value']], 'score': v})
-    scores.append(score_row('litm_kv', 'best_subspan_em', vals, data=path, num_pairs=n,
+                    'answers': [r['value']], 'score': v, 'prompt': runner.render(prompt)})
+    scores.append(score_row('litm_kv', 'accuracy', vals, data=path, num_pairs=n,
                             gold_position=p))
   return SuiteResult(scores, preds)

@@ -115,11 +115,12 @@ def run(runner, opts: Options, variants=('haystack', 'oracle', 'closedbook')) ->
   def score(label, prompts, settings):
     outs = runner.generate(prompts, max_new_tokens=max_new, label=f'mdqa {label}')
     vals = []
-    for r, out in zip(records, outs):
+    for r, out, prompt in zip(records, outs, prompts):
       v = metrics.best_subspan_em(metrics.first_line(out), r['answers'])
       vals.append(v)
       preds.append({'id': r['id'], 'gold_position': settings.get('gold_position'),
-                    'prediction': out, 'answers': r['answers'], 'score': v, **settings})
+                    'prediction': out, 'answers': r['answers'], 'score': v, **settings,
+                    'prompt': runner.render(prompt)})
     scores.append(score_row('mdqa', 'best_subspan_em', vals, data=path, **settings))
 
   if 'closedbook' in variants:
