@@ -151,3 +151,38 @@ def test_litm_kv_scores_the_value_anywhere_in_the_output_case_ignored():
 
 def test_flenqa_generates_400_tokens_for_both_prompt_types():
   assert flenqa.MAX_NEW_TOKENS == {False: 400, True: 400}
+
+
+# --- checks before work ------------------------------------------------------------------------
+class _NoModel:
+  """Any model call fails the test: the checks must come first."""
+  tokenizer = None
+  stats = {}
+
+  def __getattr__(self, name):
+    raise AssertionError(f'the model was used ({name}) before every setting was checked')
+
+
+def test_every_setting_is_checked_against_the_data_before_the_first_model_call(tmp_path):
+  import gzip
+  from jaxlm.evaluate.common import DataError
+  from jaxlm.evaluate.harness import run_suites
+  from jaxlm.evaluate.suites import mdqa
+  rows = [json.loads(line) for line in gzip.open(mdqa.DEFAULT_DATA, 'rt')][:12]
+  small = tmp_path / 'small.jsonl'
+  small.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  opts = Options(data={'mdqa': str(small)}, num_docs=[3, 20], num_examples=2)
+  # 3 documents would fit; 20 cannot (12 questions): refused before mdqa's first setting runs
+  with pytest.raises(DataError, match=r'--num_docs 20: only \d+ usable distractors .* need 19 '
+                                      r'\(the file has 12 questions'):
+    run_suites(_NoModel(), ['mdqa'], opts, str(tmp_path / 'out'), 'x', {}, {})
+  # a later suite's bad setting stops the run before an earlier suite starts
+  opts = Options(data={'mdqa': str(small), 'gsm8k_train': str(tmp_path / 'missing.jsonl')},
+                 num_docs=[3], num_examples=2)
+  with pytest.raises(DataError, match="gsm8k_train: data file .*missing.jsonl' does not exist"):
+    run_suites(_NoModel(), ['mdqa', 'general'], opts, str(tmp_path / 'out'), 'x', {}, {},
+               benchmarks=('gsm8k',))
+  with pytest.raises(ValueError, match=r'--positions \[7\] are outside 1..3 for 3 documents'):
+    run_suites(_NoModel(), ['litm_kv', 'mdqa'], Options(data={'mdqa': str(small)}, num_docs=[3],
+                                                       positions=[1, 7]),
+               str(tmp_path / 'out'), 'x', {}, {})

@@ -22,6 +22,16 @@ def run_suites(runner, suites: list[str], opts: Options, out: str, name: str,
   os.makedirs(out, exist_ok=True)
   results = {'name': name, 'model': source, 'settings': settings, 'scores': [], 'notes': [],
              'throughput': {}}
+  # Every suite's settings against its data first: a bad setting fails before any model call.
+  for suite in suites:
+    if suite == 'mdqa':
+      mdqa.check(opts, tuple(mdqa_variants))
+    elif suite == 'general':
+      general.check(opts, tuple(benchmarks))
+    elif suite == 'kv':
+      kv.check(runner, opts)
+    else:
+      {'flenqa': flenqa, 'litm_kv': litm_kv}[suite].check(opts)
   t0 = time.perf_counter()
   for suite in suites:
     if suite == 'mdqa':

@@ -73,6 +73,10 @@ def load(path: str) -> list[dict]:
   return out
 
 
+def check(opts: Options) -> None:
+  load(opts.path('flenqa', DEFAULT_DATA))
+
+
 def run(runner, opts: Options) -> SuiteResult:
   path = opts.path('flenqa', DEFAULT_DATA)
   records = take(load(path), opts.num_examples)

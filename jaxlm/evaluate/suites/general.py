@@ -306,6 +306,34 @@ def run_gsm8k(runner, opts, path):
           score_row('general', 'gsm8k_flexible_extract', flexible, **rows)], preds
 
 
+def check(opts: Options, benchmarks=BENCHMARKS) -> None:
+  """Every benchmark's data read and its few-shot source checked, without the model."""
+  for b in benchmarks:
+    path = opts.path(b, DEFAULT_DATA[b])
+    if b == 'mmlu':
+      k = DEFAULT_SHOTS['mmlu'] if opts.shots is None else opts.shots
+      for subject in mmlu_subjects(path):
+        _read_mmlu_csv(os.path.join(path, 'test', f'{subject}_test.csv'))
+        dev_file = os.path.join(path, 'dev', f'{subject}_dev.csv')
+        if k and len(_read_mmlu_csv(dev_file)) < k:
+          raise DataError(f'mmlu: {k}-shot needs {k} rows in {dev_file}')
+    elif b == 'hellaswag':
+      list(read_jsonl(path, ('ctx_a', 'ctx_b', 'activity_label', 'endings', 'label')))
+    elif b == 'gsm8k':
+      read_gsm8k(path)
+      k = DEFAULT_SHOTS['gsm8k'] if opts.shots is None else opts.shots
+      if k:
+        train_path = opts.path('gsm8k_train', DEFAULT_DATA['gsm8k_train'])
+        if len(read_gsm8k(train_path)) < k:
+          raise DataError(f'gsm8k: {k}-shot needs {k} examples in {train_path}')
+    else:
+      rows = _qa_rows(path, b)
+      k = DEFAULT_SHOTS[b] if opts.shots is None else opts.shots
+      if len(rows) <= k:
+        raise DataError(f'{b}: {path} has {len(rows)} records; {k} few-shot examples leave '
+                        'none to evaluate')
+
+
 def run(runner, opts: Options, benchmarks=BENCHMARKS) -> SuiteResult:
   scores, preds, notes = [], [], []
   if not opts.chat_template:   # lm-eval's default: the raw prompt, no bos

@@ -19,13 +19,23 @@ def default_positions(n: int) -> list[int]:
   return sorted({1, (n + 1) // 2, n, *([max(1, n // 4), max(1, 3 * n // 4)] if n >= 8 else [])})
 
 
-def run(runner, opts: Options) -> SuiteResult:
-  scores, preds, grid = [], [], []
+def check(runner, opts: Options) -> None:
+  """Every (length, position) setting builds its task (the task's own checks run)."""
+  from jaxlm.data.tasks import make_task
   for n in opts.kv_lengths:
     positions = opts.positions or default_positions(n)
     bad = [p for p in positions if not 1 <= p <= n]
     if bad:
       raise ValueError(f'--positions {bad} are outside 1..{n} for {n} dictionaries')
+    for p in positions:
+      make_task(opts.kv_task, runner.tokenizer, **{**opts.kv_fields, 'num_dicts': n,
+                                                    'gold_position': p})
+
+
+def run(runner, opts: Options) -> SuiteResult:
+  scores, preds, grid = [], [], []
+  for n in opts.kv_lengths:
+    positions = opts.positions or default_positions(n)
     fields = {**opts.kv_fields, 'num_dicts': n}
     res = evaluate_retrieval(runner.model, runner.tokenizer, opts.kv_task, fields,
                              positions=positions, per_position=opts.num_examples or 50,

@@ -52,7 +52,8 @@ def load(path: str) -> list[dict]:
   return out
 
 
-def run(runner, opts: Options) -> SuiteResult:
+def settings(opts: Options) -> tuple[str, list[dict], int, list[int]]:
+  """(path, records, pairs per record, positions), checked against the data."""
   path = opts.path('litm_kv', DEFAULT_DATA)
   records = take(load(path), opts.num_examples)
   n = len(records[0]['others']) + 1
@@ -62,6 +63,15 @@ def run(runner, opts: Options) -> SuiteResult:
   bad = [p for p in positions if not 1 <= p <= n]
   if bad:
     raise ValueError(f'--positions {bad} are outside 1..{n} for {n} key-value pairs')
+  return path, records, n, positions
+
+
+def check(opts: Options) -> None:
+  settings(opts)
+
+
+def run(runner, opts: Options) -> SuiteResult:
+  path, records, n, positions = settings(opts)
   scores, preds = [], []
   for p in positions:
     prompts = [kv_prompt(r['others'][:p - 1] + [(r['key'], r['value'])] + r['others'][p - 1:],

@@ -101,11 +101,40 @@ def default_positions(num_docs: int) -> list[int]:
   return sorted({1, *range(5, num_docs + 1, 5), num_docs})
 
 
-def run(runner, opts: Options, variants=('haystack', 'oracle', 'closedbook')) -> SuiteResult:
+def haystack_settings(opts: Options, variants) -> tuple[str, list, list, bool, list]:
+  """(path, pool, records, built, [(num_docs, distractors per record, positions)]): every
+  haystack setting checked against the data (raises before any model call)."""
   path = opts.path('mdqa', DEFAULT_DATA)
   pool = load(path)                      # distractors come from the whole file
   records = take(pool, opts.num_examples)
   built = all(not r['distractors'] for r in pool)
+  settings = []
+  if 'haystack' in variants:
+    counts = sorted({len(r['distractors']) + 1 for r in records}) if not built else opts.num_docs
+    if len(counts) != 1 and not built:
+      raise DataError(f'{path}: records have different numbers of documents {counts}')
+    for n in counts:
+      positions = opts.positions or default_positions(n)
+      bad = [p for p in positions if not 1 <= p <= n]
+      if bad:
+        raise ValueError(f'--positions {bad} are outside 1..{n} for {n} documents')
+      try:
+        distractors = [random_distractors(pool, i, n - 1, opts.seed) if built
+                       else r['distractors'] for i, r in enumerate(records)]
+      except DataError as e:
+        raise DataError(f'{path}: --num_docs {n}: {e} (the file has {len(pool)} questions; '
+                        'use fewer documents or a larger file)') from e
+      settings.append((n, distractors, positions))
+  return path, pool, records, built, settings
+
+
+def check(opts: Options, variants=('haystack', 'oracle', 'closedbook')) -> None:
+  """Every requested setting against the data, without the model."""
+  haystack_settings(opts, variants)
+
+
+def run(runner, opts: Options, variants=('haystack', 'oracle', 'closedbook')) -> SuiteResult:
+  path, pool, records, built, settings = haystack_settings(opts, variants)
   source = ('haystack from the oracle file: random other-question gold passages as distractors '
             '(easier than the retrieved distractors of the original 10/20/30-document files)'
             if built else 'documents from the file (gold moved to each position)')
@@ -129,17 +158,7 @@ def run(runner, opts: Options, variants=('haystack', 'oracle', 'closedbook')) ->
   if 'oracle' in variants:
     score('oracle', [qa_prompt(r['question'], [r['gold']]) for r in records],
           {'variant': 'oracle', 'num_docs': 1, 'gold_position': 1})
-  if 'haystack' in variants:
-    counts = sorted({len(r['distractors']) + 1 for r in records}) if not built else opts.num_docs
-    if len(counts) != 1 and not built:
-      raise DataError(f'{path}: records have different numbers of documents {counts}')
-    for n in counts:
-      distractors = [random_distractors(pool, i, n - 1, opts.seed) if built
-                     else r['distractors'] for i, r in enumerate(records)]
-      positions = opts.positions or default_positions(n)
-      bad = [p for p in positions if not 1 <= p <= n]
-      if bad:
-        raise ValueError(f'--positions {bad} are outside 1..{n} for {n} documents')
+  for n, distractors, positions in settings:
       for p in positions:
         prompts = [qa_prompt(r['question'], place_gold(r['gold'], d, p))
                    for r, d in zip(records, distractors)]
