@@ -209,3 +209,11 @@ def test_recall_index_as_digit_answers_with_the_group_number():
     answers = np.flatnonzero(mask) + 1
     assert len(answers) == 6
     assert all(int(row[a]) == recall.VALUE0 + owner[int(row[a - 1])] + 1 for a in answers)
+
+
+def test_multiple_choice_benchmark_runs_and_both_paths_agree(capsys):
+  from jaxlm.bench import mc
+  r = mc.main(['--preset', 'tiny', '--questions', '3', '--repeats', '1', '--batch', '2',
+               '--shape', 'hellaswag'])
+  assert r['max_abs_diff'] < 1e-3 and r['shared_s'] > 0
+  assert 'speed-up' in capsys.readouterr().out

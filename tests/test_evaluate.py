@@ -158,6 +158,26 @@ def test_loglik_equals_a_direct_computation_with_the_logits(runner):
     assert greedy == argmax_all
 
 
+def test_shared_context_loglik_equals_one_sequence_per_pair(runner):
+  """Choices scored from one prefill of their context (KV cache copied per choice) equal
+  each (context, choice) scored as its own sequence: contexts of several lengths, groups of
+  2-4 choices of 1-9 tokens, more contexts than one batch, raw and chat formats."""
+  rs = np.random.RandomState(0)
+  words = ['alpha', 'beta', 'gamma', 'delta', 'river', 'stone', 'seven', 'blue']
+  pairs = []
+  for q in range(7):
+    context = ' '.join(rs.choice(words, 3 + 5 * q)) + '\nAnswer:'
+    for c in range(2 + q % 3):
+      pairs.append((context, ' ' + ' '.join(rs.choice(words, 1 + (q + c) % 4))))
+  rs.shuffle(pairs)
+  for r in (runner, runner.with_format('plain')):
+    shared = r.loglik(pairs)
+    alone = r.loglik(pairs, share_context=False)
+    for (a, n, g), (b, m, h) in zip(shared, alone):
+      assert n == m and g == h
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_cut_at_stop():
   assert cut_at_stop('Paris\nQ: next', ('\n',)) == 'Paris'
   assert cut_at_stop('a. b\n', ('\n', '.')) == 'a'

@@ -5,7 +5,10 @@ batches them by length, decodes greedily with the KV cache (jaxlm.generate), end
 output at the format's end-of-turn token (or eos) and cuts it at the suite's stop strings.
 `Runner.loglik` scores continuations given contexts, as multiple-choice benchmarks need:
 the sum of the continuation tokens' log-probabilities, their count, and whether greedy
-decoding would have produced them. Both count tokens and time (prefill and decode) for
+decoding would have produced them. Pairs that share a context (a question's choices) share
+its forward pass: the context is prefilled once into a KV cache, which is copied for each
+choice and the choices' tokens run against it (`share_context=False`: every pair as one
+sequence, the reference the shared path is tested against). Both count tokens and time (prefill and decode) for
 the throughput report, and show progress on long runs.
 """
 
@@ -24,6 +27,7 @@ from flax import nnx
 
 from jaxlm import generate
 from jaxlm import chat
+from jaxlm.model import KVCache
 
 
 class Progress:
@@ -53,6 +57,35 @@ def _token_logprobs(graphdef, state, tokens_BxT, valid_BxT):
   targets = tokens_BxT[:, 1:]
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   greedy = jnp.argmax(logits, axis=-1) == targets
+  return picked, greedy
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _shared_logprobs(graphdef, state, ctx_BxP, ctx_valid_BxP, cont_BxCxL, cont_valid_BxCxL):
+  """log p of each continuation token given its context and the continuation before it
+  ([B, C, L]) and whether each is the argmax; each context (left-padded) runs once."""
+  model = nnx.merge(graphdef, state)
+  B, P = ctx_BxP.shape
+  C, L = cont_BxCxL.shape[1:]
+  positions = generate._prompt_positions(ctx_valid_BxP)
+  cache = KVCache.init(model.cfg, B, P + L)
+  last, cache = model.decode(ctx_BxP, positions, ctx_valid_BxP.astype(jnp.int32), cache,
+                             last_only=True)                       # [B, 1, V]
+  axis = 1 if model.cfg.scan_layers else 0                         # the cache's batch axis
+  rep = lambda x, ax=0: jnp.repeat(x, C, axis=ax)
+  cache = KVCache(k=jax.tree.map(lambda x: rep(x, axis), cache.k),
+                  v=jax.tree.map(lambda x: rep(x, axis), cache.v),
+                  positions_BxS=rep(cache.positions_BxS),
+                  segment_ids_BxS=rep(cache.segment_ids_BxS), index=cache.index)
+  cont = cont_BxCxL.reshape(B * C, L)
+  start = rep(positions[:, -1] + 1)[:, None]
+  logits, _ = model.decode(cont, start + jnp.arange(L)[None],
+                           cont_valid_BxCxL.reshape(B * C, L).astype(jnp.int32), cache)
+  # token j is predicted by the context's last position (j = 0) or continuation token j - 1
+  logits = jnp.concatenate([rep(last), logits[:, :-1]], axis=1).reshape(B, C, L, -1)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, cont_BxCxL[..., None], axis=-1)[..., 0]
+  greedy = jnp.argmax(logits, axis=-1) == cont_BxCxL
   return picked, greedy
 
 
@@ -139,16 +172,19 @@ class Runner:
       raise ValueError(f'continuation {continuation!r} adds no tokens to its context')
     return ctx, full[len(ctx):]
 
-  def loglik(self, pairs: Sequence[tuple[str, str]], label: str = 'loglik'
-             ) -> list[tuple[float, int, bool]]:
+  def loglik(self, pairs: Sequence[tuple[str, str]], label: str = 'loglik', *,
+             share_context: bool = True) -> list[tuple[float, int, bool]]:
     """(sum log p(continuation | context), continuation tokens, greedy) for each pair."""
-    seqs = []
+    split = []
     for context, continuation in pairs:
       ctx, cont = self.split_pair(context, continuation)
       if len(ctx) + len(cont) > self.max_len:
         raise ValueError(f'context + continuation is {len(ctx) + len(cont)} tokens, over the '
                          f'model context of {self.max_len}')
-      seqs.append((ctx + cont, len(cont)))
+      split.append((ctx, cont))
+    if share_context:
+      return self._loglik_shared(split, label)
+    seqs = [(ctx + cont, len(cont)) for ctx, cont in split]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(seqs)
     graphdef, state = nnx.split(self.model)
@@ -173,6 +209,45 @@ class Runner:
         self.stats['loglik_tokens'] += n
       if progress:
         progress.update(len(chunk))
+    return out
+
+
+  def _loglik_shared(self, split, label):
+    """loglik with one prefill per distinct context (pairs grouped by context tokens)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(split):
+      groups.setdefault(tuple(ctx), []).append(i)
+    keys = sorted(groups, key=len)   # similar context lengths batch together
+    out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(split)
+    graphdef, state = nnx.split(self.model)
+    progress = Progress(len(split), label) if self.verbose else None
+    for start in range(0, len(keys), self.batch_size):
+      chunk = keys[start:start + self.batch_size]
+      C = max(len(groups[k]) for k in chunk)
+      L = -(-max(len(split[i][1]) for k in chunk for i in groups[k]) // 8) * 8
+      ctx_tokens, ctx_valid = generate.left_pad([list(k) for k in chunk], self.tokenizer.pad_id,
+                                                self.bucket)
+      cont = np.full((len(chunk), C, L), self.tokenizer.pad_id, np.int32)
+      valid = np.zeros((len(chunk), C, L), bool)
+      for b, k in enumerate(chunk):
+        for c, i in enumerate(groups[k]):
+          toks = split[i][1]
+          cont[b, c, :len(toks)] = toks
+          valid[b, c, :len(toks)] = True
+      t0 = time.perf_counter()
+      logp, greedy = _shared_logprobs(graphdef, state, jnp.asarray(ctx_tokens),
+                                      jnp.asarray(ctx_valid), jnp.asarray(cont),
+                                      jnp.asarray(valid))
+      logp, greedy = np.asarray(logp), np.asarray(greedy)
+      self.stats['loglik_s'] += time.perf_counter() - t0
+      for b, k in enumerate(chunk):
+        self.stats['loglik_tokens'] += len(k)
+        for c, i in enumerate(groups[k]):
+          n = len(split[i][1])
+          out[i] = (float(logp[b, c, :n].sum()), n, bool(greedy[b, c, :n].all()))
+          self.stats['loglik_tokens'] += n
+      if progress:
+        progress.update(sum(len(groups[k]) for k in chunk))
     return out
 
 
