@@ -326,11 +326,13 @@ def test_cli_with_hf_and_checkpoint_then_compare(tmp_path):
   out_a = tmp_path / 'a'
   r = _run(['-m', 'jaxlm.evaluate', f'--hf={tmp_path / "hf"}', '--suite=litm_kv',
             '--suite=flenqa', '--num_examples=2', '--positions=1,10', '--max_new_tokens=2',
-            '--cot=no', f'--data=litm_kv={litm}', f'--out={out_a}', '--name=base'])
+            '--cot=no', f'--data=litm_kv={litm}', f'--out={out_a}', '--name=base',
+            '--num_fewshot=0', '--chat_template'])
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'litm_kv' in r.stdout and (out_a / 'results.json').exists()
   res = json.load(open(out_a / 'results.json'))
   assert res['model']['chat_format'] == 'mistral' and res['name'] == 'base'
+  assert res['settings']['shots'] == 0 and res['settings']['chat_template'] is True
   assert {s['gold_position'] for s in res['scores'] if s['suite'] == 'litm_kv'} == {1, 10}
   preds = [json.loads(l) for l in open(out_a / 'predictions_litm_kv.jsonl')]
   assert len(preds) == 4 and {p['answers'][0] for p in preds} == {'v0-4', 'v1-4'}

@@ -45,6 +45,7 @@ _KV_LENGTHS = flags.DEFINE_list('kv_lengths', None, 'kv: numbers of dictionaries
 _COT = flags.DEFINE_enum('cot', 'both', ['both', 'yes', 'no'], 'flenqa chain-of-thought prompts')
 _N = flags.DEFINE_integer('num_examples', None, 'examples per setting (default: all; kv: 50)')
 _SHOTS = flags.DEFINE_integer('shots', None, "few-shot examples (default: each benchmark's)")
+flags.DEFINE_alias('num_fewshot', 'shots')   # lm-evaluation-harness's name
 _CHAT_TEMPLATE = flags.DEFINE_boolean(
     'chat_template', False, 'general benchmarks: wrap each prompt in the chat format (default: '
     "the raw prompt without bos, as lm-evaluation-harness does unless asked)")

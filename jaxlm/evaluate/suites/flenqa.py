@@ -6,7 +6,9 @@ Simplified RuleTaker), `assertion/question`, `mixin` (the facts inside the paddi
 `rule` (RuleTaker only), `padding_type`, `dispersion`, `ctx_size`. Prompts are the
 repository's per task, in a direct and a chain-of-thought form; the answer is read by its
 rule (`metrics.flenqa_category`): the last of true/false decides, else 'other/refused',
-which counts as wrong. Accuracy is reported by task, ctx_size and prompt form.
+which counts as wrong. Accuracy is reported by task, ctx_size and prompt form. Reference:
+the repository's `FLenQA analysis.ipynb` (prompts, the answer rule, 400 output tokens for
+both prompt forms).
 """
 
 from __future__ import annotations
