@@ -316,9 +316,8 @@ def _build(c, checked, workdir: str, log) -> _Run:
   WORKDIR/config.json."""
   cfg, mesh, shape, tokenizer = checked
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, workdir_lib.CONFIG), 'w') as f:
-      f.write(c.to_json(indent=2))
+  if jax.process_index() == 0:   # atomic: the other processes may be reading it (_claim)
+    workdir_lib.write_atomic(os.path.join(workdir, workdir_lib.CONFIG), c.to_json(indent=2))
   schedule, step_maker = _step_maker(c)
   hook = config_lib.init_hook(c)
   if c.init_from:   # streamed straight into the parameter shardings

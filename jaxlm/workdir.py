@@ -150,9 +150,19 @@ def set_aside(workdir: str) -> str | None:
   return dest
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Write `text` to `path` through a temporary file and a rename: another process (the
+  other hosts of a multi-process run check WORKDIR/config.json while process 0 writes it)
+  sees the old file or the whole new one, never a partial one."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def mark_finished(workdir: str, step: int) -> None:
-  with open(os.path.join(workdir, FINISHED), 'w') as f:
-    json.dump({'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, f)
+  write_atomic(os.path.join(workdir, FINISHED), json.dumps(
+      {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}))
 
 
 def finished_step(workdir: str) -> int | None:

@@ -143,7 +143,7 @@ def test_detection_and_errors(mistral, smol):
   with pytest.raises(ChatFormatError, match="cannot tell the chat format .*'fake'"):
     detect_chat_format(fake('{{ messages }}'))
   with pytest.raises(ChatFormatError, match="must be one of \\['mistral', 'chatml', 'llama3', "
-                                            "'none', 'auto'\\]"):
+                                            "'none', 'plain', 'auto'\\]"):
     resolve('alpaca', smol)
   with pytest.raises(ChatFormatError, match="chat_format='chatml' writes the special token "
                                             "'<\\|im_start\\|>'"):

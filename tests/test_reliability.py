@@ -303,3 +303,28 @@ def test_which_changes_a_resumed_run_may_make():
   assert [l.split(':')[0] for l in allowed] == ['data.num_threads', 'mesh.fsdp',
                                                 'model.remat', 'model.scan_layers',
                                                 'train.lr', 'train.steps']
+
+
+def test_run_files_other_processes_read_are_written_atomically(tmp_path, monkeypatch):
+  """The other processes of a multi-process run check WORKDIR/config.json while process 0
+  writes it (a race once seen as 'config.json cannot be read: JSONDecodeError' and a gloo
+  timeout): config.json and finished.json are written to a temporary file and renamed, so a
+  reader sees no file or the whole file."""
+  import builtins
+  written = []
+  real_open = builtins.open
+
+  def spy(file, mode='r', *args, **kwargs):
+    if any(m in mode for m in 'wax'):
+      written.append(os.path.basename(str(file)))
+    return real_open(file, mode, *args, **kwargs)
+  monkeypatch.setattr(builtins, 'open', spy)
+  c = small_config()
+  c.train.steps = 1
+  trainer.train(c, str(tmp_path), log=quiet)
+  monkeypatch.undo()
+  assert workdir_lib.CONFIG not in written and workdir_lib.FINISHED not in written
+  assert any(w.startswith(workdir_lib.CONFIG + '.tmp-') for w in written)
+  assert json.load(open(tmp_path / workdir_lib.CONFIG))['train']['steps'] == 1
+  assert workdir_lib.finished_step(str(tmp_path)) == 1
+  assert not glob.glob(str(tmp_path / '*.tmp-*'))

@@ -159,12 +159,14 @@ class Runner:
 
   def split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Tokens of (context, continuation) as lm-evaluation-harness splits them
-    (HFLM._encode_pair): trailing whitespace of the context moves to the continuation, the
-    context is encoded on its own, and the continuation is what the joined text's tokens
-    hold beyond the context's length."""
+    (HFLM._encode_pair): the context is encoded on its own and the continuation is what the
+    joined text's tokens hold beyond the context's length; for a raw prompt (no chat
+    template) trailing whitespace of the context moves to the continuation first, as there.
+    A chat-formatted context keeps its own ending (ChatML's newline after the assistant
+    header), so it is exactly the prompt generation reads."""
     text = chat.render_prompt(self.format, context)
     n = len(text) - len(text.rstrip())
-    if n:
+    if n and self.format.turn == '{prompt}':
       text, continuation = text[:-n], text[-n:] + continuation
     ctx = self.tokenizer.encode(text, bos=self.format.bos)
     full = self.tokenizer.encode(text + continuation, bos=self.format.bos)
