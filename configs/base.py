@@ -3,7 +3,8 @@
 Field reference (all overridable: --config.train.steps=100, --config.mesh.fsdp=-1, ...):
   model.*   preset name plus any jaxlm.model.MistralConfig field
   data.*    jaxlm.data.pipeline.DataConfig fields (global batch = train.batch_size)
-  train.*   optimizer, schedule, accumulation, logging and checkpoint cadence
+  train.*   optimizer, schedule, accumulation, logging and checkpoint cadence; train.lora.*
+            LoRA adapters instead of full fine-tuning (jaxlm.lora)
   eval.*    held-out retrieval accuracy by gold position (periodic and final)
   mesh.*    device mesh sizes (one may be -1: the remaining devices)
 """
@@ -11,6 +12,7 @@ import dataclasses
 
 import ml_collections
 
+from jaxlm import lora
 from jaxlm.config import RUN_FIELDS
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.model import MistralConfig
@@ -63,6 +65,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.on_nonfinite = 'stop'     # a step with a non-finite loss or gradient norm applies
                                     # nothing; 'stop' ends the run, 'skip' goes on
   c.train.max_skipped_steps = 10    # 'skip': this many skipped steps in a row stop the run
+  # LoRA (jaxlm.lora): rank > 0 trains low-rank adapters on the `targets` projections only;
+  # the base is frozen in the compute dtype and has no optimizer state. The run exports
+  # WORKDIR/hf (merged) and WORKDIR/hf_adapter (Hugging Face PEFT's adapter format).
+  c.train.lora = ml_collections.ConfigDict()
+  c.train.lora.rank = 0             # 0: full fine-tuning
+  c.train.lora.alpha = 16.0         # scale alpha / rank
+  c.train.lora.dropout = 0.0        # on the adapters' input, training steps only
+  c.train.lora.targets = lora.TARGETS   # a tuple: --config.train.lora.targets="('q_proj','v_proj')"
+  c.train.lora.use_rslora = False   # scale alpha / sqrt(rank)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                  # 0: only at the end

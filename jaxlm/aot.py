@@ -138,11 +138,15 @@ def topology_devices(topo: Topology):
 def abstract_train_state(cfg, c, tx):
   """(graphdef, abstract state) of model + optimizer: shapes and logical axes, no memory."""
   from flax import nnx
+  from jaxlm import lora
   from jaxlm.model import init_model
+  lcfg = lora.LoRAConfig.from_config(c)
 
   def build():
     model = init_model(cfg, seed=c.seed)
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    if lcfg.enabled:
+      lora.attach(model, lcfg, seed=c.seed)
+    return model, nnx.Optimizer(model, tx, wrt=lora.trainable_filter(lcfg))
   return nnx.split(nnx.eval_shape(build))
 
 
@@ -182,8 +186,10 @@ def compile_report(c, cfg, mesh, make_step, tx, *, topology: Topology | None = N
       'global_batch': int(c.train.batch_size), 'attention': cfg.attention_impl,
       'remat': getattr(cfg, 'remat', None)}
   tokens = c.train.batch_size * c.data.seq_len
+  from jaxlm.lora import LoRAConfig
   report['model_flops_per_step'] = float(flops.train_flops_per_token(
-      cfg, c.data.seq_len, head_positions=c.train.get('loss_positions')) * tokens)
+      cfg, c.data.seq_len, head_positions=c.train.get('loss_positions'),
+      lora=LoRAConfig.from_config(c)) * tokens)
   if compiled is None:
     # "... HLO temporaries (214.78G) exceeds available HBM (95.74G)": keep the numbers.
     need = re.search(r'required for [^(]*\(([\d.]+)([KMGT])\)', error)

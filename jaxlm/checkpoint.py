@@ -188,7 +188,8 @@ def restore_model(c, workdir: str, mesh, step: int | None = None):
   step = max(steps) if step is None else step
   if step not in steps:
     raise FileNotFoundError(f'no checkpoint at step {step} in {root!r}; have {sorted(steps)}')
-  abstract_model = nnx.eval_shape(lambda: init_model(cfg))
+  from jaxlm import lora   # a LoRA run's checkpoint holds the adapters and the frozen base
+  abstract_model = nnx.eval_shape(lambda: lora.attach_from_config(init_model(cfg), c))
   graphdef, abstract = nnx.split(abstract_model)
   target = _abstract(abstract, shd.state_shardings(abstract, mesh))
   # The saved tree is nnx.split((model, optimizer)): the model's subtree is key 0.

@@ -186,6 +186,11 @@ def check_values(c) -> None:
       good = False
     if not good or isinstance(v, bool):
       raise ConfigError(f'{field}={v!r}: must be {must}')
+  from jaxlm.lora import LoRAConfig, LoRAError
+  try:
+    LoRAConfig.from_config(c)
+  except LoRAError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_data(c, tokenizer) -> None:

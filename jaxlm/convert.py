@@ -490,6 +490,9 @@ def save_hf(cfg: MistralConfig, model: Mistral, path: str, *, dtype: str | None 
   writer = jax.process_index() == 0
   layout = _layout(cfg)
   flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  if any(str(k).endswith('_lora') for p, _ in flat for k in p):
+    raise ValueError('save_hf: the model has LoRA adapters; save jaxlm.lora.merge(model) (the '
+                     'merged weights), or the adapter alone with jaxlm.lora.save_peft')
   if set(p for p, _ in flat) != set(layout):
     raise ValueError(f'model parameters {sorted(set(p for p, _ in flat) ^ set(layout))[:8]} '
                      f'do not match the config')

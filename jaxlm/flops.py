@@ -8,8 +8,10 @@ The mean number of visible keys is (T+1)/2 for causal attention over T tokens an
 shrinks further with a sliding window W: mean over t of min(t+1, W). Packed sequences
 are counted as if unpacked (an upper bound). With `head_positions=K` (the trainer's
 `train.loss_positions`: the output projection runs at K positions of each row only) the
-head is charged K/T of its per-token cost. MFU = achieved model FLOPs per second per
-device / the chip's peak dense bf16 FLOPs.
+head is charged K/T of its per-token cost. Under LoRA (`lora`, a jaxlm.lora.LoRAConfig) the
+frozen weights need no weight gradient: 2 x forward for the base matmuls (forward and the
+input gradient) plus 3 x the attention term and 6 x the adapters' parameters. MFU =
+achieved model FLOPs per second per device / the chip's peak dense bf16 FLOPs.
 """
 
 from __future__ import annotations
@@ -65,8 +67,23 @@ def forward_flops_per_token(cfg, seq_len: int, head_positions: int | None = None
   return 2 * params + attention
 
 
-def train_flops_per_token(cfg, seq_len: int, head_positions: int | None = None) -> float:
-  return 3 * forward_flops_per_token(cfg, seq_len, head_positions)
+def adapter_params(cfg, lora) -> int:
+  """Parameters of LoRA adapters of rank r on lora.targets: r x (in + out) each."""
+  d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  q, kv = cfg.num_heads * dh, cfg.num_kv_heads * dh
+  sizes = {'q_proj': d + q, 'k_proj': d + kv, 'v_proj': d + kv, 'o_proj': q + d,
+           'gate_proj': d + f, 'up_proj': d + f, 'down_proj': f + d}
+  return cfg.num_layers * lora.rank * sum(sizes[t] for t in lora.targets)
+
+
+def train_flops_per_token(cfg, seq_len: int, head_positions: int | None = None,
+                          lora=None) -> float:
+  forward = forward_flops_per_token(cfg, seq_len, head_positions)
+  if lora is None or not lora.rank:
+    return 3 * forward
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_visible_keys(
+      seq_len, cfg.sliding_window)
+  return 2 * (forward - attention) + 3 * attention + 6 * adapter_params(cfg, lora)
 
 
 def peak_flops(device_kind: str) -> float:
@@ -89,8 +106,8 @@ def device_peak(override: float | None = None) -> float | None:
 
 
 def mfu(tokens_per_second: float, cfg, seq_len: int, num_devices: int, peak: float | None,
-        head_positions: int | None = None):
+        head_positions: int | None = None, lora=None):
   if not peak:
     return None
-  return (tokens_per_second * train_flops_per_token(cfg, seq_len, head_positions)
+  return (tokens_per_second * train_flops_per_token(cfg, seq_len, head_positions, lora)
           / (num_devices * peak))

@@ -217,6 +217,14 @@ def _matmul(x: jax.Array, w: jax.Array, n_in: int = 1, **kwargs) -> jax.Array:
   return y.reshape(*lead, *out)
 
 
+def _project(module: nnx.Module, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
+  """x times the weight `module.<name>` in x's dtype, plus its LoRA adapter's output when
+  one is attached (`module.<name>_lora`, see jaxlm.lora)."""
+  y = _matmul(x, getattr(module, name)[...].astype(x.dtype), n_in)
+  adapter = getattr(module, name + '_lora', None)
+  return y if adapter is None else y + adapter(x)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
@@ -288,9 +296,9 @@ class Attention(nnx.Module):
     masks (cudnn, splash) apply. segment_positions: positions run 0..n-1 within each
     segment (jaxlm.attention: splash applies with the segment ids)."""
     cfg, dt = self.cfg, x_BxTxD.dtype
-    q = _matmul(x_BxTxD, self.q_proj[...].astype(dt))
-    k = _matmul(x_BxTxD, self.k_proj[...].astype(dt))
-    v = _matmul(x_BxTxD, self.v_proj[...].astype(dt))
+    q = _project(self, 'q_proj', x_BxTxD)
+    k = _project(self, 'k_proj', x_BxTxD)
+    v = _project(self, 'v_proj', x_BxTxD)
     if cfg.attention_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -321,7 +329,7 @@ class Attention(nnx.Module):
     out = attend(q, k.astype(dt), v.astype(dt), impl=impl, causal=True,
                  sliding_window=cfg.sliding_window, ring_layout=cfg.ring_layout, **block,
                  **masks)
-    out = _matmul(out, self.o_proj[...].astype(dt), n_in=2)
+    out = _project(self, 'o_proj', out, n_in=2)
     if cfg.attention_bias and cfg.architecture == 'llama':
       out = out + self.o_bias[...].astype(dt)
     return out, new_kv
@@ -336,10 +344,9 @@ class MLP(nnx.Module):
     self.down_proj = _param(rngs, (f, d), ('mlp', 'embed'), cfg)
 
   def __call__(self, x_BxTxD):
-    dt = x_BxTxD.dtype
-    gate_BxTxF = jax.nn.silu(_act(_matmul(x_BxTxD, self.gate_proj[...].astype(dt)), MLP_ACT))
-    up_BxTxF = _act(_matmul(x_BxTxD, self.up_proj[...].astype(dt)), MLP_ACT)
-    return _matmul(gate_BxTxF * up_BxTxF, self.down_proj[...].astype(dt))
+    gate_BxTxF = jax.nn.silu(_act(_project(self, 'gate_proj', x_BxTxD), MLP_ACT))
+    up_BxTxF = _act(_project(self, 'up_proj', x_BxTxD), MLP_ACT)
+    return _project(self, 'down_proj', gate_BxTxF * up_BxTxF)
 
 
 class Block(nnx.Module):

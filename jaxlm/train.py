@@ -41,7 +41,7 @@ from ml_collections import config_flags
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
-from jaxlm import convert, flops
+from jaxlm import convert, flops, lora
 from jaxlm import sharding as shd
 from jaxlm import workdir as workdir_lib
 from jaxlm.data.pipeline import DataConfig, make_dataset
@@ -125,34 +125,44 @@ def loss_sums(model, batch, loss_positions: int = 0):
   return jnp.sum(ce * mask), (jnp.sum(mask), jnp.sum(correct))
 
 
-def make_train_step(graphdef, grad_accum: int, schedule, loss_positions: int = 0):
+def make_train_step(graphdef, grad_accum: int, schedule, loss_positions: int = 0,
+                    trainable=nnx.Param, dropout_seed: int | None = None):
   """step(state, batch) -> (state, metrics): the gradient of the answer loss summed over
   grad_accum micro-batches and divided by the answer-token count once (accumulation does
   not change the result), then the optimizer's update, applied only when the loss and the
   gradient norm are finite (metrics['skipped'] is 1 and the state is returned unchanged
-  otherwise; the loop decides whether to stop)."""
+  otherwise; the loop decides whether to stop).
+  trainable: the nnx filter of what is differentiated and updated (jaxlm.lora.TRAINABLE
+  for LoRA: the adapters). dropout_seed: LoRA dropout masks drawn from this seed, the step
+  and the micro-batch (a resumed run draws the same ones); None: no dropout."""
   def train_step(state, batch):
     batch = dict(batch)
     stop = batch.pop('stop', None)   # several processes: one stop flag per device
     before = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
+    step = optimizer.step[...]
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    model_def, params, rest = nnx.split(model, trainable, ...)
     grad_fn = jax.value_and_grad(
         lambda params, mb: loss_sums(nnx.merge(model_def, params, rest), mb,
                                      loss_positions=loss_positions), has_aux=True)
+    step_key = None if dropout_seed is None else jax.random.fold_in(
+        jax.random.key(dropout_seed), step)
 
-    def accumulate(carry, mb):
+    def accumulate(carry, xs):
+      mb, i = xs
       grads, loss, count, correct = carry
-      (l, (n, c)), g = grad_fn(params, mb)
+      key = None if step_key is None else jax.random.fold_in(step_key, i)
+      with lora.dropout_key(key):
+        (l, (n, c)), g = grad_fn(params, mb)
       return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, correct + c), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    (grads, loss, count, correct), _ = jax.lax.scan(accumulate, init, micro)
+    (grads, loss, count, correct), _ = jax.lax.scan(
+        accumulate, init, (micro, jnp.arange(grad_accum, dtype=jnp.int32)))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    step = optimizer.step[...]
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     optimizer.update(model, grads)
@@ -222,8 +232,11 @@ def initialize_distributed() -> None:
 
 def _step_maker(c):
   schedule = make_schedule(c.train)
+  lcfg = lora.LoRAConfig.from_config(c)
+  dropout_seed = c.seed + 7919 if lcfg.enabled and lcfg.dropout else None
   return schedule, lambda graphdef: make_train_step(
-      graphdef, c.train.grad_accum, schedule, c.train.loss_positions)
+      graphdef, c.train.grad_accum, schedule, c.train.loss_positions,
+      trainable=lora.trainable_filter(lcfg), dropout_seed=dropout_seed)
 
 
 def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str, Any]:
@@ -329,7 +342,15 @@ def _build(c, checked, workdir: str, log) -> _Run:
     model = init_model(cfg, seed=c.seed)
     if hook:
       hook(model, tokenizer, c)
-  optimizer = nnx.Optimizer(model, make_optimizer(c.train, schedule), wrt=nnx.Param)
+  lcfg = lora.LoRAConfig.from_config(c)
+  if lcfg.enabled:   # adapters added, the base frozen in the compute dtype
+    lora.attach(model, lcfg, seed=c.seed)
+    n, total = lora.count(model)
+    log(f'[train] LoRA rank {lcfg.rank} (alpha {lcfg.alpha:g}) on {",".join(lcfg.targets)}: '
+        f'{n / 1e6:.2f}M trainable parameters ({100 * n / total:.2f}% of {total / 1e6:.1f}M); '
+        f'the base is frozen in {cfg.dtype}')
+  optimizer = nnx.Optimizer(model, make_optimizer(c.train, schedule),
+                            wrt=lora.trainable_filter(lcfg))
   graphdef, state = nnx.split((model, optimizer))
   shardings = shd.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
@@ -398,6 +419,7 @@ class _Clock:
 
   def __init__(self, c, run, start: int):
     self.c, self.cfg, self.devices = c, run.cfg, run.mesh.size
+    self.lora = lora.LoRAConfig.from_config(c)
     self.peak = flops.device_peak(c.train.peak_flops_per_device)
     self.tokens = c.train.batch_size * c.data.seq_len
     self.reset(start)
@@ -413,7 +435,7 @@ class _Clock:
     m = {k: float(v) for k, v in metrics.items() if k != 'stop'}
     m.update(step_time=dt, tokens_per_s=self.tokens / dt,
              mfu=flops.mfu(self.tokens / dt, self.cfg, self.c.data.seq_len, self.devices,
-                           self.peak, head_positions=t.loss_positions))
+                           self.peak, head_positions=t.loss_positions, lora=self.lora))
     line = (f'[train] step {step}/{t.steps} loss {m["loss"]:.4f} '
             f'acc {m["token_accuracy"]:.3f} lr {m["lr"]:.2e} gnorm {m["grad_norm"]:.2f} '
             f'{m["tokens_per_s"]:,.0f} tok/s {dt:.2f}s/step'
@@ -605,10 +627,18 @@ def _finish(c, run, workdir: str, result, log) -> None:
     result['eval'] = _evaluate(c, model, run.tokenizer, workdir, result['step'], None, log,
                                final=True)
   if c.export_hf:
+    lcfg = lora.LoRAConfig.from_config(c)
+    if lcfg.enabled:   # the adapters alone (PEFT's format), then the merged model
+      lora.save_peft(model, lcfg, os.path.join(workdir, 'hf_adapter'),
+                     base_model_name_or_path=c.init_from)
+      log(f'[train] exported the LoRA adapter (Hugging Face PEFT format) to '
+          f'{workdir}/hf_adapter')
+      model = lora.merge(model)
     convert.save_hf(run.cfg, model, os.path.join(workdir, 'hf'))
     if jax.process_index() == 0:
       run.tokenizer.save_hf(os.path.join(workdir, 'hf'))
-    log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf')
+    log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf'
+        + (' (adapters merged)' if lcfg.enabled else ''))
   if jax.process_index() == 0:
     workdir_lib.mark_finished(workdir, result['step'])
 

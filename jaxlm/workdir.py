@@ -78,14 +78,20 @@ def _kind(field: str) -> str | None:
     return None if field in _DATA_SPEED else 'data'
   if field == 'train.batch_size':
     return 'data'
+  if field.startswith('train.lora.') and field != 'train.lora.dropout':
+    return 'state'   # adapters or their scale: another model
   return None
 
 
 def _default(field: str) -> Any:
-  """The library default of a model.* or data.* field (what a config that predates the
+  """The library default of a model.*, data.* or train.lora.* field (what a config that predates the
   field meant), or a sentinel."""
   from jaxlm.data.pipeline import DataConfig
+  from jaxlm.lora import LoRAConfig
   from jaxlm.model import MistralConfig
+  if field.startswith('train.lora.'):   # runs from before LoRA: LoRA off
+    value = getattr(LoRAConfig(), field.rpartition('.')[2], _default)
+    return list(value) if isinstance(value, tuple) else value
   section, _, name = field.partition('.')
   source = {'model': MistralConfig, 'data': DataConfig}.get(section)
   return getattr(source(), name, _default) if source else _default

@@ -41,3 +41,20 @@ def test_unknown_chip_fails_loudly():
   assert flops.device_peak() is None              # CPU: no MFU
   assert flops.device_peak(1e12) == 1e12
   assert flops.mfu(1000, get_config('tiny'), 128, 1, None) is None
+
+
+def test_lora_skips_the_frozen_weight_gradients_and_counts_adapters():
+  from jaxlm import lora
+  from jaxlm.model import init_model
+  cfg = get_config('tiny')
+  T = 64
+  attention = 3 * 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * flops.mean_visible_keys(
+      T, cfg.sliding_window)
+  lcfg = lora.LoRAConfig(rank=4, targets=('q_proj', 'o_proj', 'down_proj'))
+  model = lora.attach(init_model(cfg), lcfg)
+  n_adapters = lora.count(model)[0]
+  assert flops.adapter_params(cfg, lcfg) == n_adapters   # the formula counts what attach adds
+  assert flops.train_flops_per_token(cfg, T, lora=lcfg) == pytest.approx(
+      4 * flops.matmul_params(cfg) + attention + 6 * n_adapters)
+  assert flops.train_flops_per_token(cfg, T, lora=lora.LoRAConfig()) == \
+      flops.train_flops_per_token(cfg, T)                # rank 0: full fine-tuning

@@ -5,12 +5,16 @@ for TPU topologies over context length, attention kernel, remat policy and mesh 
   python -m jaxlm.bench.fit --topologies=v5p-8,v5p-32 --seq_lens=4096,32768 \\
       --attention=blockwise,ring --remat=full --out=runs/fit
   python -m jaxlm.bench.fit ... --unrolled      # layers unrolled rather than scanned
+  python -m jaxlm.bench.fit --config=configs/mistral7b_simple_kv_lora.py \
+      --topologies=v5e-1,v6e-1 --seq_lens=4096 --attention=splash   # LoRA on one chip
 
 Each case is `python -m jaxlm.train --config=configs/mistral7b_simple_kv.py --aot_only
---topology=T` in this process (jaxlm.aot.compile_report): per-device memory from the
+--topology=T` (or the --config given) in this process (jaxlm.aot.compile_report): per-device memory from the
 compiler, fits or not, the step-time lower bound and MFU upper bound. Mesh per case: the
 global batch (16 sequences, the paper's) goes over fsdp up to the chip count; chips beyond
-it go to `context` for ring attention and to `tensor` otherwise. Outputs in --out:
+it go to `context` for ring attention and to `tensor` otherwise; a config's gradient
+accumulation is lowered where its micro-batch would not divide over fsdp (LoRA's 16 micro-
+batches of one sequence on one chip become 4 of 4 on four). Outputs in --out:
 fit.csv, fit.md, fit.png (memory per device against context length, one panel per
 topology, the chip's HBM drawn) and, per context length, the smallest topology on which
 some case fits. Needs libtpu (requirements-tpu.txt). Compiles are slow on a small host
@@ -29,7 +33,8 @@ from typing import Any
 
 from jaxlm import report
 
-COLUMNS = ('topology', 'seq_len', 'attention', 'remat', 'layers', 'mesh', 'fits', 'gib_per_device',
+COLUMNS = ('topology', 'seq_len', 'attention', 'remat', 'layers', 'lora', 'grad_accum', 'mesh',
+           'fits', 'gib_per_device',
            'hbm_gib', 'arguments_gib', 'temporaries_gib', 'step_time_lower_bound_s',
            'mfu_upper_bound', 'compile_s', 'status')
 
@@ -47,10 +52,13 @@ def mesh_for(chips: int, batch: int, attention: str) -> dict[str, int]:
   return dict(data=1, fsdp=fsdp, tensor=rest, context=context)
 
 
+DEFAULT_CONFIG = 'configs/mistral7b_simple_kv.py'
+
+
 def case_config(seq_len: int, attention: str, remat: str, mesh: dict[str, int],
-                layers: int | None, unrolled: bool = False):
-  from configs import mistral7b_simple_kv
-  c = mistral7b_simple_kv.get_config()
+                layers: int | None, unrolled: bool = False, config: str = DEFAULT_CONFIG):
+  from jaxlm.config import load_config_file
+  c = load_config_file(config)
   if unrolled:
     c.model.scan_layers = False
   c.data.seq_len = seq_len
@@ -61,23 +69,28 @@ def case_config(seq_len: int, attention: str, remat: str, mesh: dict[str, int],
   for k, v in mesh.items():
     c.mesh[k] = v
   c.mesh.devices = 0
+  batch_par = mesh['data'] * mesh['fsdp']
+  while c.train.grad_accum > 1 and (c.train.batch_size // c.train.grad_accum) % batch_par:
+    c.train.grad_accum //= 2   # the micro-batch must divide over the batch axes
   return c
 
 
 def run_case(topology: str, seq_len: int, attention: str, remat: str,
-             layers: int | None, workdir: str, unrolled: bool = False) -> dict[str, Any]:
+             layers: int | None, workdir: str, unrolled: bool = False,
+             config: str = DEFAULT_CONFIG) -> dict[str, Any]:
   from jaxlm import aot
   from jaxlm import train as trainer
   topo = aot.parse_topology(topology)
   mesh = mesh_for(topo.num_devices, 16, attention)
+  c = case_config(seq_len, attention, remat, mesh, layers, unrolled, config)
   row: dict[str, Any] = {'topology': topology, 'seq_len': seq_len, 'attention': attention,
                          'remat': remat, 'layers': 'unrolled' if unrolled else 'scanned',
+                         'lora': c.train.lora.rank or '-', 'grad_accum': c.train.grad_accum,
                          'hbm_gib': topo.chip['hbm'] / 2**30,
-                         'mesh': 'x'.join(f'{k}{v}' for k, v in mesh.items() if v > 1)}
+                         'mesh': 'x'.join(f'{k}{v}' for k, v in mesh.items() if v > 1) or '1'}
   t0 = time.time()
   try:
-    r = trainer.train(case_config(seq_len, attention, remat, mesh, layers, unrolled), workdir,
-                      aot_only=True, topology=topology, log=lambda _: None)
+    r = trainer.train(c, workdir, aot_only=True, topology=topology, log=lambda _: None)
   except (trainer.ConfigError, aot.TopologyError) as e:
     row.update(status=f'config error: {e}', fits=None)
     return row
@@ -159,6 +172,8 @@ def main(argv=None) -> None:
   p.add_argument('--all', action='store_true',
                  help='compile every topology; default: per context length, kernel and remat, '
                       'stop at the first topology (in the given order) that fits')
+  p.add_argument('--config', default=DEFAULT_CONFIG,
+                 help='the training config to compile (e.g. configs/mistral7b_simple_kv_lora.py)')
   p.add_argument('--out', default='runs/fit')
   a = p.parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -185,8 +200,9 @@ def main(argv=None) -> None:
     if not a.all and any(t == bt and T > bT and (attn, remat) == k for bt, bT, k in too_big):
       continue   # a shorter context already does not fit this topology
     key = (t, T, attn, remat, a.layers) + (('unrolled',) if a.unrolled else ('scanned',))
+    key += (a.config,) if a.config != DEFAULT_CONFIG else ()
     row = done.get(key) or run_case(t, T, attn, remat, a.layers, os.path.join(a.out, 'aot'),
-                                    a.unrolled)
+                                    a.unrolled, a.config)
     done[key] = {**row, 'key': list(key)}
     with open(done_path, 'w') as f:
       json.dump(list(done.values()), f, indent=1)
