@@ -122,9 +122,12 @@ def topology_devices(topo: Topology):
   # (another compile, a test run), and name this host as its only worker.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  kwargs = {}
+  if topo.chips < 4:   # v5e-1, v6e-2, ...: single-host slices smaller than a 2x2 host
+    kwargs['chips_per_host_bounds'] = (*topo.shape, 1)[:3]
   try:
     desc = topologies.get_topology_desc(platform='tpu', topology_name=topo.topology_name,
-                                        num_slices=topo.slices)
+                                        num_slices=topo.slices, **kwargs)
   except Exception as e:   # libtpu's errors are RuntimeError / XlaRuntimeError
     raise TopologyError(f'libtpu could not describe {topo.topology_name} x {topo.slices} '
                         f'slice(s): {str(e).splitlines()[0]}') from None

@@ -207,13 +207,12 @@ def attach(model: Mistral, lcfg: LoRAConfig, seed: int = 0) -> Mistral:
       var.set_value(var[...].astype(compute))
   root = jax.random.key(seed)
   for block, i in _blocks(model):
-    for t, target in enumerate(lcfg.targets):
+    for target in lcfg.targets:
       parent = _parent(block, target)
-      if i is None:   # stacked: one index per layer
-        index = np.arange(cfg.num_layers) * len(TARGETS) + TARGETS.index(target)
-      else:
-        index = i * len(TARGETS) + TARGETS.index(target)
-      key = jax.random.fold_in(root, int(np.max(index)) + 1_000_003 * (i is None))
+      t = TARGETS.index(target)
+      layers = np.arange(cfg.num_layers) if i is None else i   # stacked: every layer at once
+      index = layers * len(TARGETS) + t
+      key = jax.random.fold_in(root, t if i is None else len(TARGETS) * (1 + i) + t)
       setattr(parent, target + SUFFIX,
               LoRA(getattr(parent, target), _IN_DIMS.get(target, 1), lcfg, index,
                    stacked=i is None, dtype=store, key=key))
@@ -332,7 +331,7 @@ def read_peft_config(path: str) -> LoRAConfig:
   for key, off in (('use_dora', False), ('fan_in_fan_out', False), ('bias', 'none'),
                    ('rank_pattern', {}), ('alpha_pattern', {}), ('modules_to_save', None),
                    ('layers_to_transform', None)):
-    if hf.get(key) not in (off, None) and hf.get(key) != off:
+    if hf.get(key) is not None and hf[key] != off:
       raise LoRAError(f'{file}: {key}={hf[key]!r} is not supported (jaxlm reads plain LoRA '
                       f'adapters: {key}={off!r})')
   targets = hf.get('target_modules')

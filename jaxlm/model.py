@@ -439,7 +439,7 @@ class Mistral(nnx.Module):
       x, _ = self._scan(run, x, remat=self.cfg.remat)
     else:
       if self.cfg.remat != 'none':
-        run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])
+        run = _checkpointed(run, REMAT_POLICIES[self.cfg.remat])
       for block in self.layers:
         x, _ = run(block, x)
     if logit_positions_BxP is not None:
@@ -510,6 +510,18 @@ class Mistral(nnx.Module):
     else:
       head_DxV = self.lm_head[...].astype(x_BxTxD.dtype)
     return _act(_matmul(x_BxTxD, head_DxV, preferred_element_type=jnp.float32), names)
+
+
+def _checkpointed(run, policy):
+  """run(block, x) rematerialized in the backward pass: jax.checkpoint of a pure function
+  of the block's state (nnx.remat would write the state back into the block, which fails
+  for variables of an outer trace, e.g. LoRA's frozen base inside a gradient of the
+  adapters only)."""
+  def checkpointed(block, x):
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda state, x: run(nnx.merge(graphdef, state), x),
+                          policy=policy)(state, x)
+  return checkpointed
 
 
 def init_model(cfg: MistralConfig, seed: int = 0) -> Mistral:

@@ -101,6 +101,13 @@ def test_compiles_for_a_tpu_topology_without_a_tpu(tmp_path):
   assert big['argument_bytes'] - r['argument_bytes'] == 8 * c.data.seq_len * 5 * 4 // 4
 
 
+@pytest.mark.skipif(NO_LIBTPU is not None, reason=str(NO_LIBTPU))
+def test_single_chip_topologies_are_described():
+  for name in ('v5e-1', 'v6e-1', 'v6e-2'):   # hosts smaller than libtpu's default 2x2
+    topo = aot.parse_topology(name)
+    assert len(aot.topology_devices(topo)) == topo.chips
+
+
 def test_cli_names_bad_topologies_and_missing_libtpu(tmp_path, monkeypatch):
   env = {**os.environ, 'PYTHONPATH': ROOT}
   cmd = [sys.executable, '-m', 'jaxlm.train', '--config=tests/train_config.py',

@@ -6,8 +6,10 @@ from jaxlm.bench import attention_check, data, mfu, step
 
 def test_step_benchmark_runs(capsys):
   step.main(['--preset', 'tiny', '--batch', '1', '--seq', '16', '--steps', '1', '--warmup', '1',
-             '--no_torch_compile', '--attention', 'dense,auto'])
+             '--no_torch_compile', '--attention', 'dense,auto', '--lora', '2'])
   out = capsys.readouterr().out
+  assert 'jaxlm (jax.jit, dense attention, LoRA rank 2 on every projection)' in out
+  assert 'jaxlm dense LoRA / torch throughput ratio' in out
   assert 'jaxlm (jax.jit, dense attention)' in out and 'throughput ratio' in out
   assert 'jaxlm (jax.jit, auto = chunked attention)' in out      # what auto picks on CPU
   assert 'jaxlm dense / torch throughput ratio' in out

@@ -21,6 +21,11 @@ head applied only to the answer positions (hidden states of `model.model(...)` s
   python -m jaxlm.bench.step                      # d256, 4 layers, vocab 32000, B4 x T256
   python -m jaxlm.bench.step --vocab 512 --seq 512 --batch 8 --steps 10 --attention dense,chunked
   python -m jaxlm.bench.step --shape smollm2-135m --batch 4 --seq 448 --answer_tokens 32
+  python -m jaxlm.bench.step --shape smollm2-135m --batch 3 --seq 384 --answer_tokens 32 \
+      --lora 16 --skip_torch     # + a jaxlm row with LoRA rank 16 on every projection
+
+`--lora R` adds, per attention kernel, a jaxlm row that trains LoRA adapters of rank R on
+all seven projections (jaxlm.lora; the base frozen, AdamW on the adapters only).
 """
 
 from __future__ import annotations
@@ -99,9 +104,14 @@ def masked_full_loss(model, tokens_Bx1T: jax.Array, answer_tokens: int) -> jax.A
 
 
 def bench_jax(cfg, tokens: np.ndarray, n_warmup: int, n_steps: int,
-              answer_tokens: int = 0) -> tuple[float, list[float]]:
+              answer_tokens: int = 0, lora_rank: int = 0) -> tuple[float, list[float]]:
+  from jaxlm import lora
   model = init_model(cfg)
-  optimizer = nnx.Optimizer(model, optax.adamw(1e-4, weight_decay=0.1), wrt=nnx.Param)
+  wrt = nnx.Param
+  if lora_rank:
+    wrt = lora.TRAINABLE
+    lora.attach(model, lora.LoRAConfig(rank=lora_rank))
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-4, weight_decay=0.1), wrt=wrt)
   tokens = jnp.asarray(tokens)
   # as jaxlm.train runs it: the graph split once, jax.jit on the state pytree (nnx.jit
   # flattens the module graph on every call: ~0.1 s per step of Python here)
@@ -110,7 +120,8 @@ def bench_jax(cfg, tokens: np.ndarray, n_warmup: int, n_steps: int,
   @functools.partial(jax.jit, donate_argnums=0)
   def train_step(state, tokens):
     model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, tokens, answer_tokens)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(
+        model, tokens, answer_tokens)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss
 
@@ -219,6 +230,8 @@ def main(argv=None):
                       help='jaxlm attention_impl; a comma-separated list times one jaxlm row each')
   parser.add_argument('--answer_tokens', type=int, default=0,
                       help='loss on the last K targets of each row only (0: every token)')
+  parser.add_argument('--lora', type=int, default=0,
+                      help='also time jaxlm with LoRA adapters of this rank (0: no such row)')
   parser.add_argument('--skip_torch', action='store_true')
   parser.add_argument('--torch_compile', action='store_true', default=True,
                       help='also time torch.compile(model) (the default)')
@@ -261,6 +274,11 @@ def main(argv=None):
     rows.append((f'jaxlm (jax.jit, {shown} attention{head})',
                  'jaxlm' if len(impls) == 1 else f'jaxlm {impl}',
                  bench_jax(cfg.replace(attention_impl=impl), tokens, args.warmup, args.steps, K)))
+    if args.lora:
+      rows.append((f'jaxlm (jax.jit, {shown} attention{head}, LoRA rank {args.lora} on every '
+                   f'projection)', f'jaxlm{"" if len(impls) == 1 else " " + impl} LoRA',
+                   bench_jax(cfg.replace(attention_impl=impl), tokens, args.warmup, args.steps,
+                             K, lora_rank=args.lora)))
   if not args.skip_torch:
     import torch
     prefix = (f'transformers {__import__("transformers").__version__} '
