@@ -141,7 +141,7 @@ def _poison_step(monkeypatch, at_step, what):
   made non-finite at optimizer step `at_step` (1-based)."""
   real = trainer.make_train_step
 
-  def make(graphdef, grad_accum, schedule, loss_positions=0):
+  def make(graphdef, grad_accum, schedule, loss_positions=0, **kwargs):
     if what == 'grad':   # the loss scaled by nan: a nan gradient, the step must skip
       real_loss = trainer.loss_sums
       def loss_sums(model, batch, **kw):
@@ -149,7 +149,7 @@ def _poison_step(monkeypatch, at_step, what):
         l, aux = real_loss(model, batch, **kw)
         return l * jnp.where(poison['now'], jnp.nan, 1.0), aux
       poison = {'now': False}
-      step_fn = real(graphdef, grad_accum, schedule, loss_positions)
+      step_fn = real(graphdef, grad_accum, schedule, loss_positions, **kwargs)
 
       def stepped(state, batch):
         done = nnx.merge(graphdef, state)[1].step[...]
@@ -160,7 +160,7 @@ def _poison_step(monkeypatch, at_step, what):
         finally:
           monkeypatch.setattr(trainer, 'loss_sums', real_loss)
       return stepped
-    step_fn = real(graphdef, grad_accum, schedule, loss_positions)
+    step_fn = real(graphdef, grad_accum, schedule, loss_positions, **kwargs)
 
     def stepped(state, batch):   # finite metrics, a state with an inf in it
       done = nnx.merge(graphdef, state)[1].step[...]
