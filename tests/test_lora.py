@@ -235,3 +235,17 @@ def test_adapter_gradients_with_remat_equal_without(scan):
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 0
+
+
+def test_a_resumed_run_may_not_change_its_adapters():
+  from jaxlm import workdir as workdir_lib
+  saved = {'train': {'steps': 4, 'lora': {'rank': 16, 'alpha': 32.0, 'dropout': 0.0}}}
+  new = {'train': {'steps': 4, 'lora': {'rank': 8, 'alpha': 32.0, 'dropout': 0.1}}}
+  refused, allowed = workdir_lib.diff(saved, new)
+  assert [l.split(':')[0] for l in refused] == ['train.lora.rank']
+  assert [l.split(':')[0] for l in allowed] == ['train.lora.dropout']
+  # a run from before LoRA existed: the fields arrive at their defaults (LoRA off)
+  before = {'train': {'steps': 4}}
+  now = {'train': {'steps': 4, 'lora': {'rank': 0, 'targets': list(lora.TARGETS)}}}
+  refused, allowed = workdir_lib.diff(before, now)
+  assert refused == [] and len(allowed) == 2   # noted in the log, not refused
