@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.model import DTYPES, Mistral, MistralConfig, _matmul
+from jaxlm.model import DTYPES, Mistral, _matmul
 
 ATTENTION_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
 MLP_TARGETS = ('gate_proj', 'up_proj', 'down_proj')

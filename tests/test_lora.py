@@ -2,7 +2,6 @@
 both ways, merged export through transformers, and LoRA training in the trainer (frozen
 base, optimizer state for the adapters only, shardings, bit-exact resume with dropout)."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
