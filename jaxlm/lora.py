@@ -200,11 +200,8 @@ def attach(model: Mistral, lcfg: LoRAConfig, seed: int = 0) -> Mistral:
   if has_adapters(model):
     raise LoRAError('attach: the model already has LoRA adapters')
   cfg = model.cfg
-  compute, store = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-  for var in jax.tree.leaves(nnx.state(model, nnx.Param),
-                             is_leaf=lambda v: isinstance(v, nnx.Variable)):
-    if jnp.issubdtype(var.dtype, jnp.floating) and var.dtype != compute:
-      var.set_value(var[...].astype(compute))
+  _cast_params(model, DTYPES[cfg.dtype])
+  store = DTYPES[cfg.param_dtype]
   root = jax.random.key(seed)
   for block, i in _blocks(model):
     for target in lcfg.targets:
@@ -217,6 +214,14 @@ def attach(model: Mistral, lcfg: LoRAConfig, seed: int = 0) -> Mistral:
               LoRA(getattr(parent, target), _IN_DIMS.get(target, 1), lcfg, index,
                    stacked=i is None, dtype=store, key=key))
   return model
+
+
+def _cast_params(model: Mistral, dtype) -> None:
+  """Cast every floating-point parameter of `model` to `dtype`, in place."""
+  for var in jax.tree.leaves(nnx.state(model, nnx.Param),
+                             is_leaf=lambda v: isinstance(v, nnx.Variable)):
+    if jnp.issubdtype(var.dtype, jnp.floating) and var.dtype != dtype:
+      var.set_value(var[...].astype(dtype))
 
 
 def attach_from_config(model: Mistral, c) -> Mistral:
@@ -256,10 +261,7 @@ def merge(model: Mistral) -> Mistral:
     weight = getattr(parent, target)
     weight.set_value((weight[...].astype(jnp.float32) + deltas[(i, target)]).astype(store))
     delattr(parent, target + SUFFIX)
-  for var in jax.tree.leaves(nnx.state(merged, nnx.Param),
-                             is_leaf=lambda v: isinstance(v, nnx.Variable)):
-    if jnp.issubdtype(var.dtype, jnp.floating) and var.dtype != store:
-      var.set_value(var[...].astype(store))
+  _cast_params(merged, store)
   return merged
 
 
