@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   # LoRA (jaxlm.lora): rank > 0 trains low-rank adapters on the `targets` projections only;
   # the base is frozen in the compute dtype and has no optimizer state. The run exports
   # WORKDIR/hf (merged) and WORKDIR/hf_adapter (Hugging Face PEFT's adapter format).
+  c.train.trainable_layers = 0      # n > 0: train the top n layers and the final norm only;
+                                    # the embeddings/head and lower layers stay frozen
+                                    # (jaxlm.freeze); 0: every parameter
   c.train.lora = ml_collections.ConfigDict()
   c.train.lora.rank = 0             # 0: full fine-tuning
   c.train.lora.alpha = 16.0         # scale alpha / rank

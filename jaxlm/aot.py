@@ -141,7 +141,7 @@ def topology_devices(topo: Topology):
 def abstract_train_state(cfg, c, tx):
   """(graphdef, abstract state) of model + optimizer: shapes and logical axes, no memory."""
   from flax import nnx
-  from jaxlm import lora
+  from jaxlm import freeze, lora
   from jaxlm.model import init_model
   lcfg = lora.LoRAConfig.from_config(c)
 
@@ -149,7 +149,7 @@ def abstract_train_state(cfg, c, tx):
     model = init_model(cfg, seed=c.seed)
     if lcfg.enabled:
       lora.attach(model, lcfg, seed=c.seed)
-    return model, nnx.Optimizer(model, tx, wrt=lora.trainable_filter(lcfg))
+    return model, nnx.Optimizer(model, tx, wrt=freeze.trainable_filter(c, cfg))
   return nnx.split(nnx.eval_shape(build))
 
 
@@ -189,10 +189,11 @@ def compile_report(c, cfg, mesh, make_step, tx, *, topology: Topology | None = N
       'global_batch': int(c.train.batch_size), 'attention': cfg.attention_impl,
       'remat': getattr(cfg, 'remat', None)}
   tokens = c.train.batch_size * c.data.seq_len
+  from jaxlm import freeze
   from jaxlm.lora import LoRAConfig
   report['model_flops_per_step'] = float(flops.train_flops_per_token(
       cfg, c.data.seq_len, head_positions=c.train.get('loss_positions'),
-      lora=LoRAConfig.from_config(c)) * tokens)
+      lora=LoRAConfig.from_config(c), trainable_layers=freeze.trainable_layers(c)) * tokens)
   if compiled is None:
     # "... HLO temporaries (214.78G) exceeds available HBM (95.74G)": keep the numbers.
     need = re.search(r'required for [^(]*\(([\d.]+)([KMGT])\)', error)

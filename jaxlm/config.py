@@ -186,10 +186,12 @@ def check_values(c) -> None:
       good = False
     if not good or isinstance(v, bool):
       raise ConfigError(f'{field}={v!r}: must be {must}')
+  from jaxlm import freeze
   from jaxlm.lora import LoRAConfig, LoRAError
   try:
     LoRAConfig.from_config(c)
-  except LoRAError as e:
+    freeze.check(c)
+  except (LoRAError, freeze.FreezeError) as e:
     raise ConfigError(str(e)) from None
 
 

@@ -10,7 +10,10 @@ are counted as if unpacked (an upper bound). With `head_positions=K` (the traine
 `train.loss_positions`: the output projection runs at K positions of each row only) the
 head is charged K/T of its per-token cost. Under LoRA (`lora`, a jaxlm.lora.LoRAConfig) the
 frozen weights need no weight gradient: 2 x forward for the base matmuls (forward and the
-input gradient) plus 3 x the attention term and 6 x the adapters' parameters. MFU =
+input gradient) plus 3 x the attention term and 6 x the adapters' parameters. Training the
+top n layers only (`trainable_layers`, jaxlm.freeze): the forward pass, plus twice the
+forward of the n trained layers (input and weight gradients), plus the head's input
+gradient (its weight is frozen); nothing below the lowest trained layer. MFU =
 achieved model FLOPs per second per device / the chip's peak dense bf16 FLOPs.
 """
 
@@ -76,9 +79,19 @@ def adapter_params(cfg, lora) -> int:
   return cfg.num_layers * lora.rank * sum(sizes[t] for t in lora.targets)
 
 
+def head_flops_per_token(cfg, seq_len: int, head_positions: int | None = None) -> float:
+  """The output projection's share of forward_flops_per_token."""
+  share = head_positions / seq_len if head_positions and head_positions < seq_len else 1.0
+  return 2 * cfg.vocab_size * cfg.hidden_size * share
+
+
 def train_flops_per_token(cfg, seq_len: int, head_positions: int | None = None,
-                          lora=None) -> float:
+                          lora=None, trainable_layers: int = 0) -> float:
   forward = forward_flops_per_token(cfg, seq_len, head_positions)
+  if trainable_layers:
+    head = head_flops_per_token(cfg, seq_len, head_positions)
+    per_layer = (forward - head) / cfg.num_layers
+    return forward + 2 * trainable_layers * per_layer + head
   if lora is None or not lora.rank:
     return 3 * forward
   attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_visible_keys(
@@ -106,8 +119,9 @@ def device_peak(override: float | None = None) -> float | None:
 
 
 def mfu(tokens_per_second: float, cfg, seq_len: int, num_devices: int, peak: float | None,
-        head_positions: int | None = None, lora=None):
+        head_positions: int | None = None, lora=None, trainable_layers: int = 0):
   if not peak:
     return None
-  return (tokens_per_second * train_flops_per_token(cfg, seq_len, head_positions, lora)
+  return (tokens_per_second * train_flops_per_token(cfg, seq_len, head_positions, lora,
+                                                    trainable_layers)
           / (num_devices * peak))

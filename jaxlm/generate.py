@@ -37,18 +37,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
   return tokens, valid
 
 
-def _prompt_positions(valid_BxP):
-  return jnp.maximum(jnp.cumsum(valid_BxP.astype(jnp.int32), axis=1) - 1, 0)
+def prompt_positions(valid_BxP):
+  """Positions of left-padded prompts: 0..n-1 over each row's real tokens, and 0..p-1
+  over its padding (which real tokens never see): positions run 0..n-1 within each
+  segment, so `Mistral.decode(..., prefill=True)` applies."""
+  valid = valid_BxP.astype(jnp.int32)
+  return jnp.where(valid_BxP, jnp.cumsum(valid, axis=1), jnp.cumsum(1 - valid, axis=1)) - 1
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'pad_id'))
 def _greedy_cached(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eos_id, pad_id):
   model = nnx.merge(graphdef, state)
   B, P = tokens_BxP.shape
-  positions_BxP = _prompt_positions(valid_BxP)
+  positions_BxP = prompt_positions(valid_BxP)
   cache = KVCache.init(model.cfg, B, P + max_new_tokens)
   logits, cache = model.decode(tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), cache,
-                               last_only=True)
+                               last_only=True, prefill=True)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((B,), bool)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.attention import IMPLEMENTATIONS, attend
+from jaxlm.attention import IMPLEMENTATIONS, attend, resolve_impl
 from jaxlm.sharding import constrain
 
 ARCHITECTURES = ('mistral', 'llama', 'qwen2')
@@ -290,8 +290,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, natural=False,
                segment_positions=False):
-    """cache: None, or (k_BxSxKxE, v_BxSxKxE, kv_positions_BxS, kv_segment_ids_BxS, index)
-    with the buffers already holding this step's positions and segment ids at `index`.
+    """cache: None, or (k_BxSxKxE, v_BxSxKxE, kv_positions_BxS, kv_segment_ids_BxS, index,
+    prefill) with the buffers already holding this step's positions and segment ids at
+    `index`; prefill (a Python bool): the cache was empty and the positions run 0..n-1
+    within each segment, so the new tokens attend among themselves only (self-attention:
+    the same result, and the kernels `auto` picks for training apply).
     natural: positions are 0..T-1 and segment_ids_BxT is None, so kernels with static
     masks (cudnn, splash) apply. segment_positions: positions run 0..n-1 within each
     segment (jaxlm.attention: splash applies with the segment ids)."""
@@ -318,14 +321,22 @@ class Attention(nnx.Module):
                      segment_ids=segment_ids_BxT,
                      segment_positions=segment_positions and cfg.ring_layout == 'natural')
     else:
-      k_cache, v_cache, kv_positions, kv_segments, index = cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-      new_kv = (k, v)
-      masks = dict(q_positions_BxT=positions_BxT, kv_positions_BxS=kv_positions,
-                   q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=kv_segments)
-      if impl not in ('dense', 'blockwise'):
-        impl = 'auto'   # decoding: queries and cache differ in length; ring etc. do not apply
+      k_cache, v_cache, kv_positions, kv_segments, index, prefill = cache
+      new_kv = (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0)),
+                jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0)))
+      T = positions_BxT.shape[1]
+      if prefill and resolve_impl(impl, T=T, S=T, custom_positions=True, segments=True,
+                                  segment_positions=True) != 'ring':
+        # every other slot is empty: self-attention over the new tokens
+        k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+        masks = dict(q_positions_BxT=positions_BxT, kv_positions_BxS=positions_BxT,
+                     segment_ids=segment_ids_BxT, segment_positions=True)
+      else:
+        k, v = new_kv
+        masks = dict(q_positions_BxT=positions_BxT, kv_positions_BxS=kv_positions,
+                     q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=kv_segments)
+        if impl not in ('dense', 'blockwise'):
+          impl = 'auto'   # decoding: queries and cache differ in length; ring etc. do not apply
     out = attend(q, k.astype(dt), v.astype(dt), impl=impl, causal=True,
                  sliding_window=cfg.sliding_window, ring_layout=cfg.ring_layout, **block,
                  **masks)
@@ -449,11 +460,16 @@ class Mistral(nnx.Module):
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
              segment_ids_BxT: jax.Array, cache: KVCache, *,
-             last_only: bool = False) -> tuple[jax.Array, KVCache]:
+             last_only: bool = False, prefill: bool = False) -> tuple[jax.Array, KVCache]:
     """Run T new tokens against a KV cache (prefill when T > 1, one step when T = 1).
 
     Returns float32 logits [B, T, V] ([B, 1, V], the last position's, with last_only)
-    and the cache with the new keys written at slots index..index+T-1. Segment ids must be >= 0 (padding gets its own id).
+    and the cache with the new keys written at slots index..index+T-1. Segment ids must be
+    >= 0 (padding gets its own id). prefill=True promises a fresh cache (KVCache.init:
+    every slot empty) and positions that run 0..n-1 within each segment, segments in row
+    order (left padding with jaxlm.generate.prompt_positions): the tokens then attend among
+    themselves with the training kernels (chunked on CPU) instead of densely over the whole
+    buffer; the result is the same.
     """
     T = tokens_BxT.shape[1]
     kv_positions = jax.lax.dynamic_update_slice(
@@ -464,7 +480,7 @@ class Mistral(nnx.Module):
 
     def run(block, x, k, v):
       return block(x, positions_BxT, segment_ids_BxT,
-                   (k, v, kv_positions, kv_segments, cache.index))
+                   (k, v, kv_positions, kv_segments, cache.index, prefill))
     if self.cfg.scan_layers:   # the cache is stacked like the layers
       x, (new_k, new_v) = self._scan(run, x, cache.k, cache.v)
     else:

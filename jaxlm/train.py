@@ -41,7 +41,7 @@ from ml_collections import config_flags
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import config as config_lib
-from jaxlm import convert, flops, lora
+from jaxlm import convert, flops, freeze, lora
 from jaxlm import sharding as shd
 from jaxlm import workdir as workdir_lib
 from jaxlm.data.pipeline import DataConfig, make_dataset
@@ -230,13 +230,13 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def _step_maker(c):
+def _step_maker(c, cfg):
   schedule = make_schedule(c.train)
   lcfg = lora.LoRAConfig.from_config(c)
   dropout_seed = c.seed + 7919 if lcfg.enabled and lcfg.dropout else None
   return schedule, lambda graphdef: make_train_step(
       graphdef, c.train.grad_accum, schedule, c.train.loss_positions,
-      trainable=lora.trainable_filter(lcfg), dropout_seed=dropout_seed)
+      trainable=freeze.trainable_filter(c, cfg), dropout_seed=dropout_seed)
 
 
 def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def compile_only(c, workdir: str, topology: str | None, log=_print) -> dict[str,
     log(f"[aot] attention 'auto' compiles as {impl!r} on a TPU topology ({why})")
     cfg = dataclasses.replace(cfg, attention_impl=impl)
   load_run_tokenizer(c).check_model(cfg)
-  schedule, step_maker = _step_maker(c)
+  schedule, step_maker = _step_maker(c, cfg)
   from jaxlm.attention.splash import compiling_for_tpu
   with compiling_for_tpu() if topo else contextlib.nullcontext():
     report = aot.compile_report(c, cfg, mesh, step_maker,
@@ -306,6 +306,10 @@ def _check(c, workdir: str):
   except ValueError as e:
     raise ConfigError(f'tokenizer={c.tokenizer or c.init_from!r}: {e}') from None
   config_lib.check_data(c, tokenizer)
+  try:
+    freeze.check(c, cfg)
+  except freeze.FreezeError as e:
+    raise ConfigError(str(e)) from None
   workdir_lib.check_path(workdir)   # last: it creates the (empty) directory
   return cfg, mesh, shape, tokenizer
 
@@ -331,7 +335,7 @@ def _build(c, checked, workdir: str, log) -> _Run:
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:   # atomic: the other processes may be reading it (_claim)
     workdir_lib.write_atomic(os.path.join(workdir, workdir_lib.CONFIG), c.to_json(indent=2))
-  schedule, step_maker = _step_maker(c)
+  schedule, step_maker = _step_maker(c, cfg)
   hook = config_lib.init_hook(c)
   if c.init_from:   # streamed straight into the parameter shardings
     _, model = convert.load_checkpoint(c.init_from, mesh=mesh, **dataclass_fields(cfg))
@@ -345,12 +349,17 @@ def _build(c, checked, workdir: str, log) -> _Run:
   lcfg = lora.LoRAConfig.from_config(c)
   if lcfg.enabled:   # adapters added, the base frozen in the compute dtype
     lora.attach(model, lcfg, seed=c.seed)
-    n, total = lora.count(model)
+    n, total = freeze.count(model, lora.TRAINABLE)
     log(f'[train] LoRA rank {lcfg.rank} (alpha {lcfg.alpha:g}) on {",".join(lcfg.targets)}: '
         f'{n / 1e6:.2f}M trainable parameters ({100 * n / total:.2f}% of {total / 1e6:.1f}M); '
         f'the base is frozen in {cfg.dtype}')
+  elif freeze.trainable_layers(c):
+    n, total = freeze.count(model, freeze.trainable_filter(c, cfg))
+    log(f'[train] training the top {freeze.trainable_layers(c)} of {cfg.num_layers} layers '
+        f'and the final norm: {n / 1e6:.2f}M trainable parameters '
+        f'({100 * n / total:.2f}% of {total / 1e6:.1f}M); the rest is frozen')
   optimizer = nnx.Optimizer(model, make_optimizer(c.train, schedule),
-                            wrt=lora.trainable_filter(lcfg))
+                            wrt=freeze.trainable_filter(c, cfg))
   graphdef, state = nnx.split((model, optimizer))
   shardings = shd.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
@@ -435,7 +444,8 @@ class _Clock:
     m = {k: float(v) for k, v in metrics.items() if k != 'stop'}
     m.update(step_time=dt, tokens_per_s=self.tokens / dt,
              mfu=flops.mfu(self.tokens / dt, self.cfg, self.c.data.seq_len, self.devices,
-                           self.peak, head_positions=t.loss_positions, lora=self.lora))
+                           self.peak, head_positions=t.loss_positions, lora=self.lora,
+                           trainable_layers=freeze.trainable_layers(self.c)))
     line = (f'[train] step {step}/{t.steps} loss {m["loss"]:.4f} '
             f'acc {m["token_accuracy"]:.3f} lr {m["lr"]:.2e} gnorm {m["grad_norm"]:.2f} '
             f'{m["tokens_per_s"]:,.0f} tok/s {dt:.2f}s/step'

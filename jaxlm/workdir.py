@@ -80,15 +80,19 @@ def _kind(field: str) -> str | None:
     return 'data'
   if field.startswith('train.lora.') and field != 'train.lora.dropout':
     return 'state'   # adapters or their scale: another model
+  if field == 'train.trainable_layers':
+    return 'state'   # another optimizer state
   return None
 
 
 def _default(field: str) -> Any:
-  """The library default of a model.*, data.* or train.lora.* field (what a config that predates the
-  field meant), or a sentinel."""
+  """The library default of a model.*, data.*, train.lora.* or train.trainable_layers
+  field (what a config that predates the field meant), or a sentinel."""
   from jaxlm.data.pipeline import DataConfig
   from jaxlm.lora import LoRAConfig
   from jaxlm.model import MistralConfig
+  if field == 'train.trainable_layers':   # runs from before it: every parameter
+    return 0
   if field.startswith('train.lora.'):   # runs from before LoRA: LoRA off
     value = getattr(LoRAConfig(), field.rpartition('.')[2], _default)
     return list(value) if isinstance(value, tuple) else value

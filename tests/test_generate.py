@@ -53,3 +53,32 @@ def test_bad_arguments():
     generate.left_pad([[1, 2], []])
   with pytest.raises(ValueError, match='max_new_tokens must be positive, got 0'):
     generate.greedy_generate(None, [[1]], max_new_tokens=0)
+
+
+@pytest.mark.parametrize('impl', ['dense', 'chunked', 'blockwise', 'auto'])
+def test_prefill_as_self_attention_equals_attending_the_whole_cache(hf_checkpoint, impl):
+  """decode(prefill=True) attends among the prompt tokens with the training kernels; the
+  logits and the cache it leaves must be those of attending densely over the whole (empty
+  but for the prompt) buffer, on left-padded rows and with a sliding window (8); the
+  longest prompt spans three of the chunked kernel's 64-query chunks."""
+  import jax
+  import jax.numpy as jnp
+  from jaxlm.model import KVCache
+  _, model = convert.load_hf(str(hf_checkpoint[0]), attention_impl=impl,
+                             attention_block_q=16, attention_block_kv=16)
+  assert model.cfg.sliding_window == 8
+  prompts = [list(np.random.RandomState(2).randint(3, 128, n)) for n in (70, 150, 9)]
+  tokens, valid = generate.left_pad(prompts)
+  positions = generate.prompt_positions(jnp.asarray(valid))
+  pads = ~valid
+  np.testing.assert_array_equal(np.asarray(positions)[pads], np.concatenate(
+      [np.arange(n) for n in pads.sum(1)]))   # padding: 0..p-1 of its own segment
+  outs = []
+  for prefill in (False, True):
+    cache = KVCache.init(model.cfg, len(prompts), tokens.shape[1] + 4)
+    logits, cache = model.decode(jnp.asarray(tokens), positions, jnp.asarray(valid, jnp.int32),
+                                 cache, prefill=prefill)
+    outs.append((np.asarray(logits)[valid], jax.tree.map(np.asarray, cache)))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=2e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)

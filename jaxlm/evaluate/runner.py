@@ -67,10 +67,10 @@ def _shared_logprobs(graphdef, state, ctx_BxP, ctx_valid_BxP, cont_BxCxL, cont_v
   model = nnx.merge(graphdef, state)
   B, P = ctx_BxP.shape
   C, L = cont_BxCxL.shape[1:]
-  positions = generate._prompt_positions(ctx_valid_BxP)
+  positions = generate.prompt_positions(ctx_valid_BxP)
   cache = KVCache.init(model.cfg, B, P + L)
   last, cache = model.decode(ctx_BxP, positions, ctx_valid_BxP.astype(jnp.int32), cache,
-                             last_only=True)                       # [B, 1, V]
+                             last_only=True, prefill=True)                     # [B, 1, V]
   axis = 1 if model.cfg.scan_layers else 0                         # the cache's batch axis
   rep = lambda x, ax=0: jnp.repeat(x, C, axis=ax)
   cache = KVCache(k=jax.tree.map(lambda x: rep(x, axis), cache.k),
