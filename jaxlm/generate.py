@@ -5,8 +5,11 @@ get segment id 0 and real tokens segment id 1, so real tokens never attend to
 padding; positions count real tokens only (0 for the first real token), matching
 Hugging Face's `generate` with an attention mask. Decoding runs inside one
 `jax.lax.while_loop` and stops when every row has emitted eos or after
-`max_new_tokens` tokens. `greedy_generate_nocache` is the slow reference: it
-re-runs the full forward pass on a fixed buffer each step.
+`max_new_tokens` tokens. The prefill attends among the prompt tokens with the training
+kernels (`Mistral.decode(prefill=True)`: chunked on CPU); `prefill_kernels=False` attends
+densely over the whole cache buffer instead (the same result; the reference the benchmark
+compares against). `greedy_generate_nocache` is the slow reference: it re-runs the full
+forward pass on a fixed buffer each step.
 """
 
 from __future__ import annotations
@@ -45,14 +48,16 @@ def prompt_positions(valid_BxP):
   return jnp.where(valid_BxP, jnp.cumsum(valid, axis=1), jnp.cumsum(1 - valid, axis=1)) - 1
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'pad_id'))
-def _greedy_cached(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eos_id, pad_id):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'pad_id',
+                                             'prefill'))
+def _greedy_cached(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eos_id, pad_id,
+                   prefill=True):
   model = nnx.merge(graphdef, state)
   B, P = tokens_BxP.shape
   positions_BxP = prompt_positions(valid_BxP)
   cache = KVCache.init(model.cfg, B, P + max_new_tokens)
   logits, cache = model.decode(tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), cache,
-                               last_only=True, prefill=True)
+                               last_only=True, prefill=prefill)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((B,), bool)
@@ -76,17 +81,20 @@ def _greedy_cached(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eo
 
 
 def greedy_generate(model: Mistral, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    eos_id: int | None = None, pad_id: int = 0, multiple: int = 1) -> np.ndarray:
+                    eos_id: int | None = None, pad_id: int = 0, multiple: int = 1,
+                    prefill_kernels: bool = True) -> np.ndarray:
   """Greedy continuation of each prompt: int32 [B, max_new_tokens].
 
   A row that emits eos keeps the eos token and is padded with pad_id afterwards.
+  prefill_kernels=False: the prefill attends over the whole cache buffer (module docstring).
   """
   if max_new_tokens <= 0:
     raise ValueError(f'max_new_tokens must be positive, got {max_new_tokens}')
   tokens, valid = left_pad(prompts, pad_id, multiple)
   graphdef, state = nnx.split(model)
   return np.asarray(_greedy_cached(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
-                                   max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id))
+                                   max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                   prefill=prefill_kernels))
 
 
 def greedy_generate_nocache(model: Mistral, prompts: Sequence[Sequence[int]], *,

@@ -97,6 +97,8 @@ def test_evaluation_throughput_benchmark_runs(capsys):
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if l.startswith('| MDQA 20 docs')]
   assert rows and all(float(x) > 0 for x in rows[0].split('|')[2:4])
+  prefill = [l for l in out.splitlines() if l.startswith('| over the ')]
+  assert len(prefill) == 2 and 'prefill speed-up over the reference' in out
 
 
 def test_recall_batches_ask_every_key_for_its_own_value():

@@ -4,9 +4,13 @@ on one H100 and on a TPU v5p-8, projected from model FLOPs and weight bytes.
 
   python -m jaxlm.bench.evaluate                       # 'small' preset (20M), CPU
   python -m jaxlm.bench.evaluate --prompt 1024 --batch 8 --new 32
+  python -m jaxlm.bench.evaluate --shape smollm2-135m --prompt 384 --batch 20 --new 8
 
 Measurement: greedy_generate with 1 new token (prefill + 1 step) and with `--new` tokens,
-`--repeats` times each, medians; decode tokens/s = batch x (new - 1) / (t_new - t_1).
+`--repeats` times each, medians; decode tokens/s = batch x (new - 1) / (t_new - t_1). Two
+rows: the prefill as generation runs it (self-attention over the prompt with the model's
+`--attention` kernel; `auto` = chunked on CPU) and the reference prefill that attends
+densely over the whole cache buffer (`prefill_kernels=False`), with the ratio.
 
 Projection (a model, not a measurement; the assumptions are printed with the table):
 prefill is compute-bound: forward FLOPs (jaxlm.flops, causal attention over the prompt) /
@@ -45,18 +49,23 @@ WORKLOADS = {
 }
 
 
-def measure(preset: str, prompt: int, batch: int, new: int, repeats: int, dtype: str):
+def measure(preset: str, prompt: int, batch: int, new: int, repeats: int, dtype: str,
+            overrides: dict | None = None, attention: str = 'auto', prefill_kernels=True):
   import jax
   from jaxlm import generate
   from jaxlm.model import get_config, init_model
-  cfg = get_config(preset, dtype=dtype, max_position_embeddings=max(prompt + new, 1024))
+  overrides = overrides or {}
+  length = max(prompt + new, overrides.get('max_position_embeddings', 1024))
+  cfg = get_config(preset, **{**overrides, 'dtype': dtype, 'attention_impl': attention,
+                              'max_position_embeddings': length})
   model = init_model(cfg)
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, cfg.vocab_size, prompt)) for _ in range(batch)]
 
   def run(n):
     t0 = time.perf_counter()
-    generate.greedy_generate(model, prompts, max_new_tokens=n)   # returns host numpy
+    generate.greedy_generate(model, prompts, max_new_tokens=n,    # returns host numpy
+                             prefill_kernels=prefill_kernels)
     return time.perf_counter() - t0
 
   run(1), run(new)   # compile both
@@ -85,21 +94,35 @@ def project(cfg7b, chip: dict, w: dict) -> float:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preset', default='small')
+  parser.add_argument('--shape', default=None, help='a model shape from jaxlm.bench.step '
+                      '(e.g. smollm2-135m; replaces --preset)')
+  parser.add_argument('--attention', default='auto', help='the model attention_impl')
   parser.add_argument('--prompt', type=int, default=512)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--new', type=int, default=32)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--dtype', default='float32')
   args = parser.parse_args(argv)
+  from jaxlm.bench.step import SHAPES
   from jaxlm.model import get_config
-  cfg, m = measure(args.preset, args.prompt, args.batch, args.new, args.repeats, args.dtype)
-  print(f'## Evaluation throughput: {args.preset} ({cfg.num_params() / 1e6:.1f}M params, '
-        f'{args.dtype}), batch {args.batch}, prompt {args.prompt}, {args.new} new tokens')
+  preset, overrides = SHAPES[args.shape] if args.shape else (args.preset, {})
+  rows = {}
+  for kernels in (True, False):
+    cfg, rows[kernels] = measure(preset, args.prompt, args.batch, args.new, args.repeats,
+                                 args.dtype, overrides, args.attention, kernels)
+  m = rows[True]
+  print(f'## Evaluation throughput: {args.shape or preset} ({cfg.num_params() / 1e6:.1f}M '
+        f'params, {args.dtype}), batch {args.batch}, prompt {args.prompt}, {args.new} new tokens')
   print(f'machine: {platform.processor() or platform.machine()}, device {m["device"]}')
-  print(f'| prefill tok/s | decode tok/s | prefill+1 (s) | prefill+{args.new} (s) |')
-  print('|---|---|---|---|')
-  print(f'| {m["prefill_tok_s"]:,.0f} | {m["decode_tok_s"]:,.1f} | {m["t_prefill_s"]:.3f} | '
-        f'{m["t_generate_s"]:.3f} |')
+  print(f'| prefill | prefill tok/s | decode tok/s | prefill+1 (s) | prefill+{args.new} (s) |')
+  print('|---|---|---|---|---|')
+  names = {True: f'over the prompt ({args.attention})',
+           False: 'over the whole cache (dense, reference)'}
+  for kernels, r in rows.items():
+    print(f'| {names[kernels]} | {r["prefill_tok_s"]:,.0f} | {r["decode_tok_s"]:,.1f} | '
+          f'{r["t_prefill_s"]:.3f} | {r["t_generate_s"]:.3f} |')
+  print(f'prefill speed-up over the reference: '
+        f'{rows[False]["t_prefill_s"] / m["t_prefill_s"]:.2f}x')
   cfg7b = get_config('mistral-7b-v0.2')
   print(f'\n## Projected hours, Mistral 7B (bf16 weights, prefill MFU {PREFILL_MFU:.0%}, '
         f'decode batch {DECODE_BATCH})')
