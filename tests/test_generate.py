@@ -55,7 +55,7 @@ def test_bad_arguments():
     generate.greedy_generate(None, [[1]], max_new_tokens=0)
 
 
-@pytest.mark.parametrize('impl', ['dense', 'chunked', 'blockwise', 'auto'])
+@pytest.mark.parametrize('impl', ['chunked', 'blockwise'])   # dense: the tests above
 def test_prefill_as_self_attention_equals_attending_the_whole_cache(hf_checkpoint, impl):
   """decode(prefill=True) attends among the prompt tokens with the training kernels; the
   logits and the cache it leaves must be those of attending densely over the whole (empty
