@@ -116,6 +116,11 @@ def validate(c, cfg: MistralConfig, num_devices: int, num_slices: int = 1
              ) -> tuple[int, ...]:
   """Start-up checks with clear errors; returns the resolved mesh shape."""
   check_values(c)
+  from jaxlm import freeze
+  try:
+    freeze.check(c, cfg)   # against the model: its depth, scanned or not
+  except freeze.FreezeError as e:
+    raise ConfigError(str(e)) from None
   if c.mesh.devices:
     if c.mesh.devices > num_devices:
       raise ConfigError(f'mesh.devices={c.mesh.devices} but only {num_devices} devices exist')

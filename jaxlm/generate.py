@@ -5,10 +5,11 @@ get segment id 0 and real tokens segment id 1, so real tokens never attend to
 padding; positions count real tokens only (0 for the first real token), matching
 Hugging Face's `generate` with an attention mask. Decoding runs inside one
 `jax.lax.while_loop` and stops when every row has emitted eos or after
-`max_new_tokens` tokens. The prefill attends among the prompt tokens with the training
-kernels (`Mistral.decode(prefill=True)`: chunked on CPU); `prefill_kernels=False` attends
-densely over the whole cache buffer instead (the same result; the reference the benchmark
-compares against). `greedy_generate_nocache` is the slow reference: it re-runs the full
+`max_new_tokens` tokens. The prefill attends among the prompt tokens only
+(`Mistral.decode(prefill=True)`: the chunked kernel on CPU, see
+jaxlm.attention.prefill_impl); `prefill_kernels=False` attends over the whole cache buffer
+instead, as decoding steps do (the same result; the reference the benchmark compares
+against). `greedy_generate_nocache` is the slow reference: it re-runs the full
 forward pass on a fixed buffer each step.
 """
 

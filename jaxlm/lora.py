@@ -230,11 +230,6 @@ def attach_from_config(model: Mistral, c) -> Mistral:
   return attach(model, lcfg, seed=c.get('seed', 0)) if lcfg.enabled else model
 
 
-def trainable_filter(lcfg: LoRAConfig):
-  """What a run trains: the adapters under LoRA, every parameter otherwise."""
-  return TRAINABLE if lcfg.enabled else nnx.Param
-
-
 def count(model: Mistral) -> tuple[int, int]:
   """(trainable adapter parameters, all parameters including the adapters)."""
   size = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.attention import IMPLEMENTATIONS, attend, resolve_impl
+from jaxlm.attention import IMPLEMENTATIONS, attend, prefill_impl
 from jaxlm.sharding import constrain
 
 ARCHITECTURES = ('mistral', 'llama', 'qwen2')
@@ -294,7 +294,7 @@ class Attention(nnx.Module):
     prefill) with the buffers already holding this step's positions and segment ids at
     `index`; prefill (a Python bool): the cache was empty and the positions run 0..n-1
     within each segment, so the new tokens attend among themselves only (self-attention:
-    the same result, and the kernels `auto` picks for training apply).
+    the same result, with jaxlm.attention.prefill_impl's kernel where it names one).
     natural: positions are 0..T-1 and segment_ids_BxT is None, so kernels with static
     masks (cudnn, splash) apply. segment_positions: positions run 0..n-1 within each
     segment (jaxlm.attention: splash applies with the segment ids)."""
@@ -324,10 +324,9 @@ class Attention(nnx.Module):
       k_cache, v_cache, kv_positions, kv_segments, index, prefill = cache
       new_kv = (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0)),
                 jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0)))
-      T = positions_BxT.shape[1]
-      if prefill and resolve_impl(impl, T=T, S=T, custom_positions=True, segments=True,
-                                  segment_positions=True) != 'ring':
-        # every other slot is empty: self-attention over the new tokens
+      kernel = prefill_impl(impl, positions_BxT.shape[1]) if prefill else None
+      if kernel:   # every other slot is empty: self-attention over the new tokens
+        impl = kernel
         k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
         masks = dict(q_positions_BxT=positions_BxT, kv_positions_BxS=positions_BxT,
                      segment_ids=segment_ids_BxT, segment_positions=True)
@@ -468,7 +467,7 @@ class Mistral(nnx.Module):
     >= 0 (padding gets its own id). prefill=True promises a fresh cache (KVCache.init:
     every slot empty) and positions that run 0..n-1 within each segment, segments in row
     order (left padding with jaxlm.generate.prompt_positions): the tokens then attend among
-    themselves with the training kernels (chunked on CPU) instead of densely over the whole
+    themselves (jaxlm.attention.prefill_impl: chunked on CPU) instead of over the whole
     buffer; the result is the same.
     """
     T = tokens_BxT.shape[1]

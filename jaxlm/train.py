@@ -306,10 +306,6 @@ def _check(c, workdir: str):
   except ValueError as e:
     raise ConfigError(f'tokenizer={c.tokenizer or c.init_from!r}: {e}') from None
   config_lib.check_data(c, tokenizer)
-  try:
-    freeze.check(c, cfg)
-  except freeze.FreezeError as e:
-    raise ConfigError(str(e)) from None
   workdir_lib.check_path(workdir)   # last: it creates the (empty) directory
   return cfg, mesh, shape, tokenizer
 

@@ -91,6 +91,8 @@ def test_config_errors_name_the_field(tmp_path, change, match):
   with pytest.raises(trainer.ConfigError, match=match):
     trainer.train(c, str(tmp_path / 'run'), log=lambda s: None)
   assert not (tmp_path / 'run').exists()   # refused before anything is written
+  with pytest.raises(trainer.ConfigError, match=match):   # and before an AOT compile
+    trainer.train(c, str(tmp_path / 'aot'), aot_only=True, log=lambda s: None)
 
 
 def test_a_resumed_run_may_not_change_what_it_trains():

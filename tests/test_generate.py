@@ -56,7 +56,8 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize('impl', ['chunked', 'blockwise'])   # dense: the tests above
-def test_prefill_as_self_attention_equals_attending_the_whole_cache(hf_checkpoint, impl):
+def test_prefill_as_self_attention_equals_attending_the_whole_cache(hf_checkpoint, impl,
+                                                                    monkeypatch):
   """decode(prefill=True) attends among the prompt tokens with the training kernels; the
   logits and the cache it leaves must be those of attending densely over the whole (empty
   but for the prompt) buffer, on left-padded rows and with a sliding window (8); the
@@ -73,12 +74,30 @@ def test_prefill_as_self_attention_equals_attending_the_whole_cache(hf_checkpoin
   pads = ~valid
   np.testing.assert_array_equal(np.asarray(positions)[pads], np.concatenate(
       [np.arange(n) for n in pads.sum(1)]))   # padding: 0..p-1 of its own segment
+  import jaxlm.attention
+  calls = []   # the kernel sees the prompt alone (T = S = P) only on the prefill path
+  kernel = getattr(jaxlm.attention, f'attend_{impl}')
+  monkeypatch.setattr(jaxlm.attention, f'attend_{impl}', lambda q, k, v, **kw: (
+      calls.append(k.shape[1]), kernel(q, k, v, **kw))[1])
   outs = []
   for prefill in (False, True):
     cache = KVCache.init(model.cfg, len(prompts), tokens.shape[1] + 4)
     logits, cache = model.decode(jnp.asarray(tokens), positions, jnp.asarray(valid, jnp.int32),
                                  cache, prefill=prefill)
     outs.append((np.asarray(logits)[valid], jax.tree.map(np.asarray, cache)))
+  assert tokens.shape[1] in calls
   np.testing.assert_allclose(outs[1][0], outs[0][0], atol=2e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_prefill_kernel_by_platform():
+  """Self-attention prefill only with kernels that take padded rows at any length: not
+  splash (blocks must divide the length) or cudnn (no segment ids), nor ring."""
+  from jaxlm.attention import prefill_impl
+  assert prefill_impl('auto', 384, platform='cpu') == 'chunked'
+  assert prefill_impl('auto', 4096, platform='cpu') == 'blockwise'
+  assert prefill_impl('auto', 384, platform='gpu') == 'dense'
+  assert prefill_impl('auto', 200, platform='tpu') is None
+  for impl in ('cudnn', 'splash', 'ring'):
+    assert prefill_impl(impl, 384, platform='cpu') is None

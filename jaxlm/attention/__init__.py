@@ -42,7 +42,7 @@ from jaxlm.attention.splash import attend_splash
 IMPLEMENTATIONS = ('dense', 'blockwise', 'chunked', 'ring', 'cudnn', 'splash', 'auto')
 AUTO_BLOCKWISE_MIN_SCORES = 2048 * 2048   # T * S above which auto picks blockwise on CPU
 
-__all__ = ['attend', 'attend_dense', 'attend_blockwise', 'attend_chunked', 'ring_attention',
+__all__ = ['attend', 'prefill_impl', 'attend_dense', 'attend_blockwise', 'attend_chunked', 'ring_attention',
            'make_mask',
            'IMPLEMENTATIONS']
 
@@ -91,6 +91,18 @@ def resolve_impl(impl: str, *, T: int, S: int, mesh=None, custom_positions: bool
   """The concrete kernel `auto` stands for in this setting (others: unchanged)."""
   return choose_impl(impl, T=T, S=S, mesh=mesh, custom_positions=custom_positions,
                      segments=segments, segment_positions=segment_positions, causal=causal)[0]
+
+
+def prefill_impl(impl: str, T: int, *, mesh=None, platform: str | None = None) -> str | None:
+  """The kernel for a prefill from an empty KV cache run as self-attention over its T
+  tokens (positions 0..n-1 within each segment, segment ids for the padding), or None
+  where only attending over the whole cache buffer applies: ring (decoding shards no
+  sequence), splash (its blocks must divide T) and cudnn (no segment ids)."""
+  if impl not in ('auto', 'dense', 'blockwise', 'chunked'):
+    return None
+  kernel = choose_impl(impl, T=T, S=T, mesh=mesh, custom_positions=True, segments=True,
+                       segment_positions=True, platform=platform)[0]
+  return kernel if kernel in ('dense', 'blockwise', 'chunked') else None
 
 
 def attend(

@@ -8,9 +8,10 @@ on one H100 and on a TPU v5p-8, projected from model FLOPs and weight bytes.
 
 Measurement: greedy_generate with 1 new token (prefill + 1 step) and with `--new` tokens,
 `--repeats` times each, medians; decode tokens/s = batch x (new - 1) / (t_new - t_1). Two
-rows: the prefill as generation runs it (self-attention over the prompt with the model's
-`--attention` kernel; `auto` = chunked on CPU) and the reference prefill that attends
-densely over the whole cache buffer (`prefill_kernels=False`), with the ratio.
+rows: the prefill as generation runs it (self-attention over the prompt,
+jaxlm.attention.prefill_impl of the model's `--attention`: `auto` is chunked on CPU up to
+2048 x 2048 scores) and the reference prefill that attends over the whole cache buffer as
+decoding steps do (`prefill_kernels=False`: dense for `auto` on CPU), with the ratio.
 
 Projection (a model, not a measurement; the assumptions are printed with the table):
 prefill is compute-bound: forward FLOPs (jaxlm.flops, causal attention over the prompt) /
@@ -117,7 +118,7 @@ def main(argv=None):
   print(f'| prefill | prefill tok/s | decode tok/s | prefill+1 (s) | prefill+{args.new} (s) |')
   print('|---|---|---|---|---|')
   names = {True: f'over the prompt ({args.attention})',
-           False: 'over the whole cache (dense, reference)'}
+           False: 'over the whole cache (reference)'}
   for kernels, r in rows.items():
     print(f'| {names[kernels]} | {r["prefill_tok_s"]:,.0f} | {r["decode_tok_s"]:,.1f} | '
           f'{r["t_prefill_s"]:.3f} | {r["t_generate_s"]:.3f} |')
