@@ -7,8 +7,8 @@
 #   bash launch/transfer.sh    # then: evals/smol_base, evals/smol_simple_kv, evals/compare
 # Environment: BASE (default embedded:smollm2-135m-instruct), TUNED (default $WORKDIR/hf,
 # WORKDIR=runs/local), N questions per setting (default 100), OUT (default evals).
-# Extra arguments go to both evaluations, e.g. --batch_size=16. About 17 minutes per model
-# with N=100 on 2 CPU cores (16 min on an AVX-512 machine).
+# Extra arguments go to both evaluations, e.g. --batch_size=16. About 16 minutes per model
+# with N=100 on a 2-core AVX-512 machine, about twice that on a 2-core AVX2-only one.
 source "$(dirname "$0")/_env.sh" requirements.txt
 BASE="${BASE:-embedded:smollm2-135m-instruct}"
 TUNED="${TUNED:-${WORKDIR:-runs/local}/hf}"
