@@ -14,8 +14,6 @@ costs the forward pass, twice the trained layers' forward, and the head's input 
 
 from __future__ import annotations
 
-import jax
-import numpy as np
 from flax import nnx
 
 from jaxlm import lora
@@ -63,8 +61,3 @@ def trainable_filter(c, cfg):
     return ((path[0] == 'layers' and int(path[1]) >= first) or path[0] == 'final_norm')
   return nnx.All(nnx.Param, trained)
 
-
-def count(model, filter_) -> tuple[int, int]:
-  """(trained parameters, all parameters)."""
-  size = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-  return size(nnx.state(model, filter_)), size(nnx.state(model, nnx.Param))

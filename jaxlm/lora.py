@@ -230,10 +230,11 @@ def attach_from_config(model: Mistral, c) -> Mistral:
   return attach(model, lcfg, seed=c.get('seed', 0)) if lcfg.enabled else model
 
 
-def count(model: Mistral) -> tuple[int, int]:
-  """(trainable adapter parameters, all parameters including the adapters)."""
+def count(model: Mistral, trained=TRAINABLE) -> tuple[int, int]:
+  """(parameters the nnx filter `trained` selects: the adapters by default, all
+  parameters including the adapters)."""
   size = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-  return size(nnx.state(model, LoRAParam)), size(nnx.state(model, nnx.Param))
+  return size(nnx.state(model, trained)), size(nnx.state(model, nnx.Param))
 
 
 def _delta(adapter: LoRA) -> jax.Array:

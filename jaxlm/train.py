@@ -345,12 +345,12 @@ def _build(c, checked, workdir: str, log) -> _Run:
   lcfg = lora.LoRAConfig.from_config(c)
   if lcfg.enabled:   # adapters added, the base frozen in the compute dtype
     lora.attach(model, lcfg, seed=c.seed)
-    n, total = freeze.count(model, lora.TRAINABLE)
+    n, total = lora.count(model)
     log(f'[train] LoRA rank {lcfg.rank} (alpha {lcfg.alpha:g}) on {",".join(lcfg.targets)}: '
         f'{n / 1e6:.2f}M trainable parameters ({100 * n / total:.2f}% of {total / 1e6:.1f}M); '
         f'the base is frozen in {cfg.dtype}')
   elif freeze.trainable_layers(c):
-    n, total = freeze.count(model, freeze.trainable_filter(c, cfg))
+    n, total = lora.count(model, freeze.trainable_filter(c, cfg))
     log(f'[train] training the top {freeze.trainable_layers(c)} of {cfg.num_layers} layers '
         f'and the final norm: {n / 1e6:.2f}M trainable parameters '
         f'({100 * n / total:.2f}% of {total / 1e6:.1f}M); the rest is frozen')
