@@ -402,6 +402,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
     log(f'[train] resumed from step {start} in {workdir}')
   writer = MetricWriter(workdir, jax.process_index() == 0)
   result: dict[str, Any] = {'start_step': start}
+  complete = False
   try:
     with jax.set_mesh(run.mesh):
       if c.eval.before and start == 0:
@@ -409,12 +410,15 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
       log(f'[train] {run.cfg.num_params() / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, '
           f'{c.train.steps} steps of {c.train.batch_size} x {c.data.seq_len} tokens')
       _loop(c, run, data_iter, mngr, writer, workdir, start, result, log)
+      complete = result['step'] >= c.train.steps and not result.get('stopped')
+      if complete:   # while the last checkpoint is still being written
+        _finish(c, run, workdir, result, log)
   finally:
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-  if result['step'] >= c.train.steps and not result.get('stopped'):
-    _finish(c, run, workdir, result, log)
+  if complete and jax.process_index() == 0:   # only once the last checkpoint is on disk
+    workdir_lib.mark_finished(workdir, result['step'])
   result['state'], result['graphdef'] = run.state, run.graphdef
   return result
 
@@ -627,7 +631,8 @@ def _inject_faults(c, step: int, mngr) -> None:
 
 
 def _finish(c, run, workdir: str, result, log) -> None:
-  """After the last step: the final evaluation and the Hugging Face export."""
+  """After the last step: the final evaluation and the Hugging Face export (the caller
+  marks the run finished once its last checkpoint is written)."""
   model = run.model
   if c.eval.every is not None and c.eval.per_position:
     result['eval'] = _evaluate(c, model, run.tokenizer, workdir, result['step'], None, log,
@@ -645,8 +650,6 @@ def _finish(c, run, workdir: str, result, log) -> None:
       run.tokenizer.save_hf(os.path.join(workdir, 'hf'))
     log(f'[train] exported a Hugging Face checkpoint to {workdir}/hf'
         + (' (adapters merged)' if lcfg.enabled else ''))
-  if jax.process_index() == 0:
-    workdir_lib.mark_finished(workdir, result['step'])
 
 
 def _check_answer_tokens(loss_mask, k: int, step: int) -> None:

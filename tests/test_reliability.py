@@ -329,3 +329,29 @@ def test_run_files_other_processes_read_are_written_atomically(tmp_path, monkeyp
   assert json.load(open(tmp_path / workdir_lib.CONFIG))['train']['steps'] == 1
   assert workdir_lib.finished_step(str(tmp_path)) == 1
   assert not glob.glob(str(tmp_path / '*.tmp-*'))
+
+
+def test_the_end_overlaps_the_last_checkpoint_and_marks_finished_only_after_it(tmp_path,
+                                                                             monkeypatch):
+  """The final evaluation and export run while the last checkpoint is written; finished.json
+  comes only once that checkpoint is on disk, and an end that fails leaves the checkpoint
+  whole and the run unfinished: the rerun does the end again without training."""
+  w = tmp_path / 'w'
+  real_mark, real_finish = workdir_lib.mark_finished, trainer._finish
+  seen = []
+  monkeypatch.setattr(workdir_lib, 'mark_finished', lambda d, step: (
+      seen.append(sorted(os.listdir(os.path.join(d, 'checkpoints')))), real_mark(d, step)))
+
+  def failing_end(*args, **kwargs):
+    raise RuntimeError('the evaluation failed')
+  monkeypatch.setattr(trainer, '_finish', failing_end)
+  with pytest.raises(RuntimeError, match='the evaluation failed'):
+    trainer.train(small_config(train__steps=4), str(w), log=quiet)
+  assert sorted(os.listdir(w / 'checkpoints')) == ['2', '4'] and not seen
+  assert not os.path.exists(w / 'finished.json')
+  ends = []
+  monkeypatch.setattr(trainer, '_finish', lambda *a, **k: (ends.append(1), real_finish(*a, **k)))
+  result = trainer.train(small_config(train__steps=4), str(w), log=quiet)
+  assert result['start_step'] == 4 and result['step'] == 4 and ends == [1]
+  assert seen == [['2', '4']]   # the finished mark saw the last checkpoint complete
+  assert json.load(open(w / 'finished.json'))['step'] == 4
