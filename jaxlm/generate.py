@@ -9,11 +9,7 @@ Hugging Face's `generate` with an attention mask. Decoding runs inside one
 (`Mistral.decode(prefill=True)`: the chunked kernel on CPU, see
 jaxlm.attention.prefill_impl); `prefill_kernels=False` attends over the whole cache buffer
 instead, as decoding steps do (the same result; the reference the benchmark compares
-against). On CPU the prefill runs a few rows at a time (about PREFILL_TOKENS tokens per
-group, one `lax.map` over the groups) and decoding then runs the whole batch: a 2-core
-CPU prefills SmolLM2-135M 1.2-1.4x faster in groups of 3-10 rows of 384 tokens than all 100
-rows at once (the activations stay in cache), while decoding, memory-bound on the weights,
-wants the whole batch. `greedy_generate_nocache` is the slow reference: it re-runs the full
+against). `greedy_generate_nocache` is the slow reference: it re-runs the full
 forward pass on a fixed buffer each step.
 """
 
@@ -28,17 +24,6 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.model import KVCache, Mistral
-
-PREFILL_TOKENS = 2048   # CPU: prompt tokens per prefill group (see the module docstring)
-
-
-def prefill_rows(batch: int, length: int, platform: str | None = None) -> int:
-  """Rows per prefill group for `batch` prompts padded to `length` tokens: about
-  PREFILL_TOKENS tokens on CPU, the whole batch on an accelerator."""
-  platform = platform or jax.default_backend()
-  if platform != 'cpu':
-    return batch
-  return max(1, min(batch, PREFILL_TOKENS // max(length, 1)))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
@@ -64,53 +49,17 @@ def prompt_positions(valid_BxP):
   return jnp.where(valid_BxP, jnp.cumsum(valid, axis=1), jnp.cumsum(1 - valid, axis=1)) - 1
 
 
-def _prefill(model, tokens_BxP, positions_BxP, valid_BxP, length: int, prefill: bool,
-             rows: int):
-  """(last-position logits [B, V], the cache of `length` slots with the prompts in it):
-  the prompts run `rows` at a time (the batch padded with copies of row 0 to a multiple)
-  and the groups' caches are joined along the batch."""
-  B = tokens_BxP.shape[0]
-  groups = -(-B // rows)
-
-  def one(xs):
-    tokens, positions, valid = xs
-    cache = KVCache.init(model.cfg, tokens.shape[0], length)
-    logits, cache = model.decode(tokens, positions, valid.astype(jnp.int32), cache,
-                                 last_only=True, prefill=prefill)
-    return logits[:, -1], cache
-
-  if groups == 1:
-    return one((tokens_BxP, positions_BxP, valid_BxP))
-  extra = groups * rows - B
-
-  def split(x):   # [B, ...] -> [groups, rows, ...]
-    x = jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)]) if extra else x
-    return x.reshape(groups, rows, *x.shape[1:])
-  logits, cache = jax.lax.map(one, tuple(split(x) for x in (tokens_BxP, positions_BxP,
-                                                             valid_BxP)))
-
-  def join(x, batch_axis: int):   # [groups, ..., rows (at batch_axis), ...] -> [B, ...]
-    x = jnp.moveaxis(x, 0, batch_axis)
-    x = x.reshape(*x.shape[:batch_axis], groups * rows, *x.shape[batch_axis + 2:])
-    return jax.lax.slice_in_dim(x, 0, B, axis=batch_axis)
-  kv_axis = 1 if model.cfg.scan_layers else 0   # scan_layers: [L, B, S, K, E]
-  return join(logits, 0), KVCache(
-      k=jax.tree.map(lambda x: join(x, kv_axis), cache.k),
-      v=jax.tree.map(lambda x: join(x, kv_axis), cache.v),
-      positions_BxS=join(cache.positions_BxS, 0),
-      segment_ids_BxS=join(cache.segment_ids_BxS, 0), index=cache.index[0])
-
-
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'pad_id',
-                                             'prefill', 'rows'))
+                                             'prefill'))
 def _greedy_cached(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eos_id, pad_id,
-                   prefill=True, rows=None):
+                   prefill=True):
   model = nnx.merge(graphdef, state)
   B, P = tokens_BxP.shape
   positions_BxP = prompt_positions(valid_BxP)
-  logits_BxV, cache = _prefill(model, tokens_BxP, positions_BxP, valid_BxP,
-                               P + max_new_tokens, prefill, rows or B)
-  first = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  cache = KVCache.init(model.cfg, B, P + max_new_tokens)
+  logits, cache = model.decode(tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), cache,
+                               last_only=True, prefill=prefill)
+  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((B,), bool)
   eos = -1 if eos_id is None else eos_id
@@ -134,24 +83,19 @@ def _greedy_cached(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eo
 
 def greedy_generate(model: Mistral, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                     eos_id: int | None = None, pad_id: int = 0, multiple: int = 1,
-                    prefill_kernels: bool = True, rows: int | None = None) -> np.ndarray:
+                    prefill_kernels: bool = True) -> np.ndarray:
   """Greedy continuation of each prompt: int32 [B, max_new_tokens].
 
   A row that emits eos keeps the eos token and is padded with pad_id afterwards.
   prefill_kernels=False: the prefill attends over the whole cache buffer (module docstring).
-  rows: prompts per prefill group (None: `prefill_rows`, by platform; the result does not
-  depend on it).
   """
   if max_new_tokens <= 0:
     raise ValueError(f'max_new_tokens must be positive, got {max_new_tokens}')
-  if rows is not None and (not isinstance(rows, int) or rows <= 0):
-    raise ValueError(f'rows must be a positive int or None, got {rows!r}')
   tokens, valid = left_pad(prompts, pad_id, multiple)
-  rows = min(rows or prefill_rows(*tokens.shape), len(tokens))
   graphdef, state = nnx.split(model)
   return np.asarray(_greedy_cached(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
                                    max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                                   prefill=prefill_kernels, rows=rows))
+                                   prefill=prefill_kernels))
 
 
 def greedy_generate_nocache(model: Mistral, prompts: Sequence[Sequence[int]], *,

@@ -48,31 +48,11 @@ def test_bucketed_padding_does_not_change_output(hf_checkpoint):
   np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_prefill_in_groups_of_rows_does_not_change_output(hf_checkpoint, scan_layers):
-  """The prefill run a few rows at a time (the CPU default for long batches), with the
-  batch padded to a multiple of the group, gives the tokens of one prefill of every row,
-  with the cache stacked by layer or not."""
-  _, model = convert.load_hf(str(hf_checkpoint[0]), scan_layers=scan_layers)
-  prompts = PROMPTS + [list(np.random.RandomState(3).randint(3, 128, n)) for n in (7, 2)]
-  whole = generate.greedy_generate(model, prompts, max_new_tokens=9, rows=len(prompts))
-  np.testing.assert_array_equal(whole, hf_greedy(hf_checkpoint[1], prompts, 9))
-  for rows in (1, 2, 3):   # 5 prompts: groups of 2 and 3 pad the batch with copies
-    np.testing.assert_array_equal(
-        generate.greedy_generate(model, prompts, max_new_tokens=9, rows=rows), whole)
-  assert generate.prefill_rows(100, 384, platform='cpu') == 5
-  assert generate.prefill_rows(3, 384, platform='cpu') == 3
-  assert generate.prefill_rows(100, 4096, platform='cpu') == 1
-  assert generate.prefill_rows(100, 384, platform='gpu') == 100
-
-
 def test_bad_arguments():
   with pytest.raises(ValueError, match='at least one token'):
     generate.left_pad([[1, 2], []])
   with pytest.raises(ValueError, match='max_new_tokens must be positive, got 0'):
     generate.greedy_generate(None, [[1]], max_new_tokens=0)
-  with pytest.raises(ValueError, match='rows must be a positive int or None, got 0'):
-    generate.greedy_generate(None, [[1]], max_new_tokens=1, rows=0)
 
 
 @pytest.mark.parametrize('impl', ['chunked', 'blockwise'])   # dense: the tests above
