@@ -17,4 +17,5 @@ if [ ! -f ".venv/tpu-extra/.installed-$LIBTPU" ]; then
 fi
 export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
 export JAX_PLATFORMS=cpu
-exec "$PY" -m pytest -q tests "$@"
+# --durations=20: where the time goes (the suite must stay under 20 minutes on 2 cores)
+exec "$PY" -m pytest -q --durations=20 tests "$@"

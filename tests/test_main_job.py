@@ -4,6 +4,7 @@ head at the answer positions, before/after evaluation, Hugging Face export. The 
 logits are checked against transformers' GGUF loader.
 """
 import json
+import logging
 import os
 
 import jax.numpy as jnp
@@ -47,8 +48,24 @@ def test_main_job_path_on_a_tiny_llama(tmp_path, monkeypatch):
   c.train.checkpoint_every, c.train.lr = 2, 1e-2
   c.eval.per_position, c.eval.positions, c.eval.max_new_tokens = 1, (1, 5), 4
   c.mesh.devices = 1
-  result = trainer.train(c, str(tmp_path / 'run'), log=lambda line: None)
+  compiles = []   # (thread, message) of each XLA compilation of the train step
+
+  class Compiles(logging.Handler):
+    def emit(self, record):
+      if 'Finished XLA compilation of jit(train_step)' in record.getMessage():
+        compiles.append(record.threadName)
+
+  handler, jax_logger = Compiles(), logging.getLogger('jax')
+  jax_logger.addHandler(handler)
+  try:
+    trainer.jax.config.update('jax_log_compiles', True)
+    result = trainer.train(c, str(tmp_path / 'run'), log=lambda line: None)
+  finally:
+    trainer.jax.config.update('jax_log_compiles', False)
+    jax_logger.removeHandler(handler)
   assert result['step'] == 2
+  # The step was compiled once, on the thread that ran beside the evaluation before.
+  assert compiles == ['jaxlm-compile-step'], compiles
   report = json.load(open(tmp_path / 'run' / 'eval_kv.json'))
   assert {'accuracy', 'before', 'task', 'by_position'} <= set(report)
   assert report['task']['num_dicts'] == 5 and report['before']['by_position'][1]['position'] == 5
