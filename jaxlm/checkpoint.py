@@ -112,7 +112,7 @@ def restore(mngr, state, shardings, data_iter, log) -> int | None:
       raise CheckpointMismatchError(
           f'the checkpoint {step_dir} holds another model or optimizer state than this run '
           f'builds ({len(diffs)} differences; first: ' + '; '.join(diffs[:6]) + '). Nothing '
-          f'was changed. Resume with the config it was written with, or use a new workdir.')
+          'was changed. Resume with the config it was written with, or use a new workdir.')
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))

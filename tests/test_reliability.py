@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,7 +144,6 @@ def _poison_step(monkeypatch, at_step, what):
     if what == 'grad':   # the loss scaled by nan: a nan gradient, the step must skip
       real_loss = trainer.loss_sums
       def loss_sums(model, batch, **kw):
-        step = model.embed[...].sum() * 0   # (model state only: no optimizer here)
         l, aux = real_loss(model, batch, **kw)
         return l * jnp.where(poison['now'], jnp.nan, 1.0), aux
       poison = {'now': False}

@@ -74,7 +74,6 @@ def test_one_training_step_equals_the_unrolled_models(remat, dtype):
            'loss_mask': jnp.asarray((rs.rand(4, 32) < 0.3).astype(np.int32)),
            'positions': jnp.broadcast_to(jnp.arange(32), (4, 32)),
            'segment_ids': jnp.ones((4, 32), jnp.int32)}
-  c = trainer.make_schedule
   from train_config import get_config as run_config
   t = run_config().train
   schedule = trainer.make_schedule(t)

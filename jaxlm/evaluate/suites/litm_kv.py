@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-from jaxlm.evaluate import metrics
 from jaxlm.evaluate.common import DATA, DataError, Options, SuiteResult, read_jsonl, score_row, take
 from jaxlm.evaluate.suites.mdqa import template
 
