@@ -52,8 +52,9 @@ def test_main_job_path_on_a_tiny_llama(tmp_path, monkeypatch):
 
   class Compiles(logging.Handler):
     def emit(self, record):
-      if 'Finished XLA compilation of jit(train_step)' in record.getMessage():
-        compiles.append(record.threadName)
+      for name in ('train_step', 'all_finite'):
+        if f'Finished XLA compilation of jit({name})' in record.getMessage():
+          compiles.append((name, record.threadName))
 
   handler, jax_logger = Compiles(), logging.getLogger('jax')
   jax_logger.addHandler(handler)
@@ -64,8 +65,10 @@ def test_main_job_path_on_a_tiny_llama(tmp_path, monkeypatch):
     trainer.jax.config.update('jax_log_compiles', False)
     jax_logger.removeHandler(handler)
   assert result['step'] == 2
-  # The step was compiled once, on the thread that ran beside the evaluation before.
-  assert compiles == ['jaxlm-compile-step'], compiles
+  # The step and the state check before a save were compiled once each, on the thread
+  # that ran beside the evaluation before.
+  assert sorted(compiles) == [('all_finite', 'jaxlm-compile-step'),
+                              ('train_step', 'jaxlm-compile-step')], compiles
   report = json.load(open(tmp_path / 'run' / 'eval_kv.json'))
   assert {'accuracy', 'before', 'task', 'by_position'} <= set(report)
   assert report['task']['num_dicts'] == 5 and report['before']['by_position'][1]['position'] == 5
