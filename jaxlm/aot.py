@@ -153,6 +153,19 @@ def abstract_train_state(cfg, c, tx):
   return nnx.split(nnx.eval_shape(build))
 
 
+BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'positions', 'segment_ids')
+
+
+def step_input_avals(state, shardings, batch_sharding, batch_size: int, seq_len: int):
+  """The train step's arguments as shapes for `jit(...).lower`: the state's leaves in their
+  shardings, and int32 [batch_size, seq_len] in the batch sharding for each batch field."""
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, shardings)
+  batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding)
+           for k in BATCH_KEYS}
+  return abstract, batch
+
+
 def compile_report(c, cfg, mesh, make_step, tx, *, topology: Topology | None = None,
                    log=print) -> dict[str, Any]:
   """Lower and compile the train step for `mesh` and report memory, FLOPs and bounds.
@@ -167,11 +180,8 @@ def compile_report(c, cfg, mesh, make_step, tx, *, topology: Topology | None = N
   batch_sharding = NamedSharding(mesh, shd.batch_spec(seq_sharded))
   step_fn = jax.jit(make_step(graphdef), in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, None), donate_argnums=0)
-  batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), jnp.int32,
-                                   sharding=batch_sharding)
-           for k in ('inputs', 'targets', 'loss_mask', 'positions', 'segment_ids')}
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
+  abstract, batch = step_input_avals(state, shardings, batch_sharding, c.train.batch_size,
+                                     c.data.seq_len)
   with jax.set_mesh(mesh):
     lowered = step_fn.lower(abstract, batch)
     try:

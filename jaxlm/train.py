@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from jaxlm import checkpoint as ckpt
+from jaxlm.aot import BATCH_KEYS, step_input_avals
 from jaxlm import config as config_lib
 from jaxlm import convert, flops, freeze, lora
 from jaxlm import sharding as shd
@@ -54,7 +55,6 @@ from jaxlm.config import (ConfigError, RUN_FIELDS, load_config_file,  # noqa: F4
 from jaxlm.checkpoint import restore_model  # noqa: F401
 
 dataclass_fields = config_lib.run_fields
-BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'positions', 'segment_ids')
 _FLAGS: dict[str, Any] = {}
 
 
@@ -364,7 +364,7 @@ def _build(c, checked, workdir: str, log) -> _Run:
   batch_sharding = NamedSharding(mesh, shd.batch_spec(seq_sharded))
   in_batch = {k: batch_sharding for k in BATCH_KEYS}
   if jax.process_count() > 1:   # the stop flag (see _loop): one element per device
-    in_batch['stop'] = NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    in_batch['stop'] = _stop_sharding(mesh)
   step_fn = jax.jit(step_maker(graphdef), in_shardings=(shardings, in_batch),
                     out_shardings=(shardings, None), donate_argnums=0)
   return _Run(cfg, mesh, tokenizer, graphdef, state, shardings, batch_sharding, step_fn)
@@ -438,14 +438,11 @@ class _CompileAhead:
   def __init__(self, run, batch_size: int, seq_len: int):
     self.error: BaseException | None = None
     self.seconds = 0.0
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         run.state, run.shardings)
-    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
-                                     sharding=run.batch_sharding) for k in BATCH_KEYS}
+    state, batch = step_input_avals(run.state, run.shardings, run.batch_sharding, batch_size,
+                                    seq_len)
     if jax.process_count() > 1:   # the stop flag, as _next_batch adds it
-      batch['stop'] = jax.ShapeDtypeStruct(
-          (run.mesh.size,), jnp.int32,
-          sharding=NamedSharding(run.mesh, jax.sharding.PartitionSpec(run.mesh.axis_names)))
+      batch['stop'] = jax.ShapeDtypeStruct((run.mesh.size,), jnp.int32,
+                                           sharding=_stop_sharding(run.mesh))
 
     def work():
       t0 = time.perf_counter()
@@ -635,11 +632,16 @@ def _next_batch(c, run, data_iter, step: int, zigzag, stop: bool = False
   batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
            for k, v in _host_batch(c, data_iter, step, zigzag).items()}
   if jax.process_count() > 1:
-    sharding = NamedSharding(run.mesh, jax.sharding.PartitionSpec(run.mesh.axis_names))
+    sharding = _stop_sharding(run.mesh)
     n = len(run.mesh.local_devices)
     batch['stop'] = jax.make_array_from_process_local_data(
         sharding, np.full([n], int(stop), np.int32), (run.mesh.size,))
   return batch
+
+
+def _stop_sharding(mesh) -> NamedSharding:
+  """Where the multi-process stop flag lives: one element per device."""
+  return NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
 
 
 def _host_batch(c, data_iter, step: int, zigzag) -> dict[str, np.ndarray]:

@@ -48,7 +48,7 @@ def test_main_job_path_on_a_tiny_llama(tmp_path, monkeypatch):
   c.train.checkpoint_every, c.train.lr = 2, 1e-2
   c.eval.per_position, c.eval.positions, c.eval.max_new_tokens = 1, (1, 5), 4
   c.mesh.devices = 1
-  compiles = []   # (thread, message) of each XLA compilation of the train step
+  compiles = []   # (function, thread) of each XLA compilation of the step and the check
 
   class Compiles(logging.Handler):
     def emit(self, record):
