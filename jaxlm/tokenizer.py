@@ -274,8 +274,8 @@ class BPETokenizer:
 
   @classmethod
   def from_gguf(cls, path: str) -> 'BPETokenizer':
-    """The tokenizer in a GGUF file's metadata (fields only; no tensor is read). Reading
-    the fields of a 49K-token vocabulary takes seconds: each file is read once per process."""
+    """The tokenizer in a GGUF file's metadata (fields only; no tensor is read), built once
+    per file and process."""
     if not os.path.isfile(path):
       raise FileNotFoundError(f'GGUF file {path!r} does not exist')
     st = os.stat(path)
@@ -288,16 +288,10 @@ class BPETokenizer:
 
   @classmethod
   def _read_gguf(cls, path: str) -> 'BPETokenizer':
-    import gguf
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
-    try:
-      fields = gguf.GGUFReader(path).fields
-    except Exception as e:  # noqa: BLE001  (the gguf package raises plain errors on bad files)
-      raise ValueError(f'{path}: not a readable GGUF file ({type(e).__name__}: {e})') from e
 
-    def field(key, default=None):
-      f = fields.get(key)
-      return default if f is None else f.contents()
+    from jaxlm import gguf
+    field = gguf.read_header(path).fields.get   # GGUFError (a ValueError) names a bad file
     model = field('tokenizer.ggml.model')
     if model != 'gpt2':
       raise ValueError(

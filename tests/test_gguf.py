@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import hf_logits
+from conftest import embedded_file, hf_logits
 from jaxlm import convert
-from jaxlm.gguf import GGUFCheckpoint, GGUFError, unpermute_rope_rows
+from jaxlm.gguf import GGUFCheckpoint, GGUFError, _tensor_data, read_header, unpermute_rope_rows
 
 gguf = pytest.importorskip('gguf')
 Q = gguf.GGMLQuantizationType
@@ -162,3 +162,53 @@ def test_bad_gguf_files_are_named(tmp_path):
   (tmp_path / 'd.gguf').write_bytes(b'GGUF' + b'\0' * 20)
   with pytest.raises(GGUFError, match='not a readable GGUF file'):
     GGUFCheckpoint(str(tmp_path / 'd.gguf'))
+
+
+def _same_as_gguf_reader(path):
+  """jaxlm's header parser against the gguf package's GGUFReader: every metadata field,
+  the tensor table and each tensor's raw data."""
+  ref = gguf.GGUFReader(path)
+  header = read_header(path)
+  assert header.version == ref.fields['GGUF.version'].contents()
+  ref_fields = {k: f.contents() for k, f in ref.fields.items() if not k.startswith('GGUF.')}
+  assert list(header.fields) == list(ref_fields)
+  for key, value in ref_fields.items():
+    assert header.fields[key] == value, key
+  assert [t.name for t in header.tensors] == [t.name for t in ref.tensors]
+  data = np.memmap(path, np.uint8, mode='r')
+  for t, r in zip(header.tensors, ref.tensors):
+    assert t.dims == tuple(r.shape.tolist()) and t.type_id == r.tensor_type, t.name
+    assert t.offset == r.data_offset, t.name
+    raw = _tensor_data(data, t)
+    assert raw.dtype == r.data.dtype and raw.shape == r.data.shape, t.name
+    np.testing.assert_array_equal(raw, r.data, err_msg=t.name)
+  return header
+
+
+def test_header_reader_agrees_with_gguf_package(tmp_path):
+  header = _same_as_gguf_reader(write_gguf(tmp_path / 'tiny.gguf', tiny_llama(False)))
+  assert header.fields['tokenizer.ggml.tokens'][:2] == ['<t0>', '<t1>']
+  assert header.fields['llama.block_count'] == 2
+
+
+def test_header_reader_on_the_embedded_model():
+  header = _same_as_gguf_reader(embedded_file())   # 49152 tokens, 48900 merges
+  assert len(header.fields['tokenizer.ggml.tokens']) == 49152
+
+
+def test_bad_headers_are_named(tmp_path):
+  path = write_gguf(tmp_path / 'tiny.gguf', tiny_llama(True))
+  raw = open(path, 'rb').read()
+  cases = {'magic': (b'GGUG' + raw[4:], "not the magic"),
+           'big-endian': (raw[:4] + (3).to_bytes(4, 'big') + raw[8:], 'a big-endian file'),
+           'version': (raw[:4] + (1).to_bytes(4, 'little') + raw[8:], 'version 1;'),
+           'truncated': (raw[:600], 'not a readable GGUF file')}
+  for name, (data, match) in cases.items():
+    (tmp_path / f'{name}.gguf').write_bytes(data)
+    with pytest.raises(GGUFError, match=match):
+      read_header(str(tmp_path / f'{name}.gguf'))
+  (tmp_path / 'short.gguf').write_bytes(raw[:len(raw) - 64])   # the last tensor's end cut
+  ck = GGUFCheckpoint(str(tmp_path / 'short.gguf'))
+  with pytest.raises(GGUFError, match='run past the end of the file'):
+    for name in ck.names():
+      ck.tensor(name)
