@@ -109,14 +109,18 @@ class _Cursor:
 def read_header(path: str) -> GGUFHeader:
   """The metadata fields and tensor table of a little-endian GGUF file (versions 2, 3).
   Raises GGUFError naming the file and what is wrong with it."""
-  with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-    try:
-      return _parse(_Cursor(buf), len(buf))
-    except (ValueError, struct.error, UnicodeDecodeError) as e:
-      raise GGUFError(f'{path}: not a readable GGUF file ({type(e).__name__}: {e})') from e
+  with open(path, 'rb') as f:
+    if os.fstat(f.fileno()).st_size < 24:
+      raise GGUFError(f'{path}: not a readable GGUF file ({os.fstat(f.fileno()).st_size} '
+                      f'bytes, shorter than a GGUF header)')
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+      try:
+        return _parse(_Cursor(buf))
+      except (ValueError, struct.error, UnicodeDecodeError) as e:
+        raise GGUFError(f'{path}: not a readable GGUF file ({type(e).__name__}: {e})') from e
 
 
-def _parse(cur: _Cursor, size: int) -> GGUFHeader:
+def _parse(cur: _Cursor) -> GGUFHeader:
   if bytes(cur.buf[:4]) != b'GGUF':
     raise ValueError(f'the file starts with {bytes(cur.buf[:4])!r}, not the magic b"GGUF"')
   cur.off = 4

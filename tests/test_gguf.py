@@ -202,7 +202,8 @@ def test_bad_headers_are_named(tmp_path):
   cases = {'magic': (b'GGUG' + raw[4:], "not the magic"),
            'big-endian': (raw[:4] + (3).to_bytes(4, 'big') + raw[8:], 'a big-endian file'),
            'version': (raw[:4] + (1).to_bytes(4, 'little') + raw[8:], 'version 1;'),
-           'truncated': (raw[:600], 'not a readable GGUF file')}
+           'truncated': (raw[:600], 'not a readable GGUF file'),
+           'empty': (b'', '0 bytes, shorter than a GGUF header')}
   for name, (data, match) in cases.items():
     (tmp_path / f'{name}.gguf').write_bytes(data)
     with pytest.raises(GGUFError, match=match):
