@@ -221,3 +221,11 @@ def test_multiple_choice_benchmark_runs_and_both_paths_agree(capsys):
                '--shape', 'hellaswag'])
   assert r['max_abs_diff'] < 1e-3 and r['shared_s'] > 0
   assert 'speed-up' in capsys.readouterr().out
+
+
+def test_load_benchmark_times_each_part_of_a_gguf_start_up(capsys):
+  from conftest import embedded_file
+  from jaxlm.bench import load
+  out = dict(load.main(['--gguf', embedded_file(), '--repeats', '1']))
+  assert len(out) == 4 and all(s > 0 for s in out.values())
+  assert '| weights: convert.load_gguf (float32) |' in capsys.readouterr().out
