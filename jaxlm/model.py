@@ -481,7 +481,7 @@ class Mistral(nnx.Module):
       return block(x, positions_BxT, segment_ids_BxT,
                    (k, v, kv_positions, kv_segments, cache.index, prefill))
     if self.cfg.scan_layers:   # the cache is stacked like the layers
-      x, (new_k, new_v) = self._scan(run, x, cache.k, cache.v)
+      x, new_k, new_v = self._scan_cached(run, x, cache.k, cache.v, cache.index, T)
     else:
       new_k, new_v = [], []
       for i, block in enumerate(self.layers):
@@ -504,16 +504,40 @@ class Mistral(nnx.Module):
     that dtype, and the cast to the parameters' dtype happens outside the loop, where
     XLA fuses it into the optimizer instead of keeping a float32 copy of the whole
     stack's gradient (the unrolled layers never had one)."""
-    graphdef, stacked = nnx.split(self.layers)
-    dt = DTYPES[self.cfg.dtype]
-    stacked = jax.tree.map(
-        lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, stacked)
+    graphdef, stacked = self._stacked_layers()
 
     def body(x, xs):
       return step(nnx.merge(graphdef, xs[0]), x, *xs[1:])
     if remat != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
     return jax.lax.scan(body, x, (stacked, *per_layer))
+
+  def _stacked_layers(self):
+    """(graphdef, the stacked layer state with floating-point arrays in the compute dtype)."""
+    graphdef, stacked = nnx.split(self.layers)
+    dt = DTYPES[self.cfg.dtype]
+    return graphdef, jax.tree.map(
+        lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, stacked)
+
+  def _scan_cached(self, run, x, k_LxBxSxKxE, v_LxBxSxKxE, index, T):
+    """The scanned layers against a stacked KV cache that the scan carries: each layer
+    writes only its T new slots back into the stack (in place), instead of the scan
+    stacking every layer's whole updated cache as a new output at every decoding step
+    (which made decoding ~0.35 s per token slower than the unrolled layers for SmolLM2 at
+    batch 100 on CPU)."""
+    graphdef, stacked = self._stacked_layers()
+
+    def body(carry, xs):
+      x, k_all, v_all = carry
+      params, i = xs
+      x, (k, v) = run(nnx.merge(graphdef, params), x, k_all[i], v_all[i])
+      new = lambda a: jax.lax.dynamic_slice_in_dim(a, index, T, axis=1)[None]
+      k_all = jax.lax.dynamic_update_slice(k_all, new(k), (i, 0, index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, new(v), (i, 0, index, 0, 0))
+      return (x, k_all, v_all), None
+    layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(body, (x, k_LxBxSxKxE, v_LxBxSxKxE), (stacked, layers))
+    return x, k, v
 
   def _embed(self, tokens_BxT):
     return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(DTYPES[self.cfg.dtype])

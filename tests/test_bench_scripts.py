@@ -93,12 +93,13 @@ def test_attention_check_runs(capsys):
 def test_evaluation_throughput_benchmark_runs(capsys):
   from jaxlm.bench import evaluate
   evaluate.main(['--preset', 'tiny', '--prompt', '16', '--batch', '2', '--new', '3',
-                 '--repeats', '1'])
+                 '--repeats', '1', '--scan_layers'])
   out = capsys.readouterr().out
   rows = [l for l in out.splitlines() if l.startswith('| MDQA 20 docs')]
   assert rows and all(float(x) > 0 for x in rows[0].split('|')[2:4])
   prefill = [l for l in out.splitlines() if l.startswith('| over the ')]
-  assert len(prefill) == 2 and 'prefill speed-up over the reference' in out
+  assert len(prefill) == 3 and 'prefill speed-up over the reference' in out
+  assert 'scanned layers |' in prefill[2] and 'scanned layers / unrolled' in out
 
 
 def test_recall_batches_ask_every_key_for_its_own_value():

@@ -5,6 +5,7 @@ on one H100 and on a TPU v5p-8, projected from model FLOPs and weight bytes.
   python -m jaxlm.bench.evaluate                       # 'small' preset (20M), CPU
   python -m jaxlm.bench.evaluate --prompt 1024 --batch 8 --new 32
   python -m jaxlm.bench.evaluate --shape smollm2-135m --prompt 384 --batch 20 --new 8
+  python -m jaxlm.bench.evaluate --shape smollm2-135m --prompt 384 --batch 20 --scan_layers
 
 Measurement: greedy_generate with 1 new token (prefill + 1 step) and with `--new` tokens,
 `--repeats` times each, medians; decode tokens/s = batch x (new - 1) / (t_new - t_1). Two
@@ -12,6 +13,9 @@ rows: the prefill as generation runs it (self-attention over the prompt,
 jaxlm.attention.prefill_impl of the model's `--attention`: `auto` is chunked on CPU up to
 2048 x 2048 scores) and the reference prefill that attends over the whole cache buffer as
 decoding steps do (`prefill_kernels=False`: dense for `auto` on CPU), with the ratio.
+`--scan_layers` adds a third row: the first with the layers stacked and run as one scan
+(model.scan_layers, as configs/mistral7b_*.py train), whose decoding carries the stacked
+KV cache through the scan.
 
 Projection (a model, not a measurement; the assumptions are printed with the table):
 prefill is compute-bound: forward FLOPs (jaxlm.flops, causal attention over the prompt) /
@@ -103,6 +107,8 @@ def main(argv=None):
   parser.add_argument('--new', type=int, default=32)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--scan_layers', action='store_true',
+                      help='also time the model with scanned layers (a third row)')
   args = parser.parse_args(argv)
   from jaxlm.bench.step import SHAPES
   from jaxlm.model import get_config
@@ -111,6 +117,9 @@ def main(argv=None):
   for kernels in (True, False):
     cfg, rows[kernels] = measure(preset, args.prompt, args.batch, args.new, args.repeats,
                                  args.dtype, overrides, args.attention, kernels)
+  if args.scan_layers:
+    _, rows['scan'] = measure(preset, args.prompt, args.batch, args.new, args.repeats,
+                              args.dtype, {**overrides, 'scan_layers': True}, args.attention)
   m = rows[True]
   print(f'## Evaluation throughput: {args.shape or preset} ({cfg.num_params() / 1e6:.1f}M '
         f'params, {args.dtype}), batch {args.batch}, prompt {args.prompt}, {args.new} new tokens')
@@ -118,12 +127,16 @@ def main(argv=None):
   print(f'| prefill | prefill tok/s | decode tok/s | prefill+1 (s) | prefill+{args.new} (s) |')
   print('|---|---|---|---|---|')
   names = {True: f'over the prompt ({args.attention})',
-           False: 'over the whole cache (reference)'}
+           False: 'over the whole cache (reference)',
+           'scan': f'over the prompt ({args.attention}), scanned layers'}
   for kernels, r in rows.items():
     print(f'| {names[kernels]} | {r["prefill_tok_s"]:,.0f} | {r["decode_tok_s"]:,.1f} | '
           f'{r["t_prefill_s"]:.3f} | {r["t_generate_s"]:.3f} |')
   print(f'prefill speed-up over the reference: '
         f'{rows[False]["t_prefill_s"] / m["t_prefill_s"]:.2f}x')
+  if 'scan' in rows:
+    print(f'scanned layers / unrolled: prefill {rows["scan"]["t_prefill_s"] / m["t_prefill_s"]:.2f}x'
+          f' the time, decode {m["decode_tok_s"] / rows["scan"]["decode_tok_s"]:.2f}x the time')
   cfg7b = get_config('mistral-7b-v0.2')
   print(f'\n## Projected hours, Mistral 7B (bf16 weights, prefill MFU {PREFILL_MFU:.0%}, '
         f'decode batch {DECODE_BATCH})')
