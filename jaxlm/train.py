@@ -401,6 +401,7 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
   start = ckpt.restore(mngr, run.state, run.shardings, data_iter, log) or 0
   if start:
     log(f'[train] resumed from step {start} in {workdir}')
+  _check_space(c, run, workdir, start, log)
   writer = MetricWriter(workdir, jax.process_index() == 0)
   result: dict[str, Any] = {'start_step': start}
   complete = False
@@ -424,6 +425,28 @@ def train(c, workdir: str, *, aot_only: bool = False, topology: str | None = Non
     workdir_lib.mark_finished(workdir, result['step'])
   result['state'], result['graphdef'] = run.state, run.graphdef
   return result
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
+
+
+def _check_space(c, run, workdir: str, start: int, log) -> None:
+  """Before the first step: the workdir's disk can take a checkpoint (and the export);
+  workdir.check_space. On several processes only process 0 looks, and warns: one process
+  raising alone would leave the others waiting."""
+  t = c.train
+  saves = t.steps // t.checkpoint_every - start // t.checkpoint_every + bool(
+      t.steps % t.checkpoint_every)
+  if saves <= 0 or jax.process_index() != 0:
+    return
+  model_state = run.state[0] if 0 in run.state else run.state
+  note = workdir_lib.check_space(
+      workdir, checkpoint_bytes=_nbytes(run.state), checkpoints=min(saves, t.keep_checkpoints + 1),
+      export_bytes=_nbytes(model_state) if c.export_hf else 0,
+      strict=jax.process_count() == 1)
+  if note:
+    log(f'[train] warning: {note}')
 
 
 class _CompileAhead:

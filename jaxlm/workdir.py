@@ -1,6 +1,7 @@
 """A run's directory: it belongs to one run, and nothing in it is destroyed.
 
     check_path(workdir)                  # PathError unless it is (now) a writable directory
+    check_space(workdir, ...)            # PathError if one checkpoint (and the export) cannot fit
     notes = check_resume(workdir, c)     # ConfigError if the saved run differs in kind
     moved = set_aside(workdir)           # --restart: the old run's files to WORKDIR/previous/
     mark_finished(workdir, step); finished_step(workdir)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -56,6 +58,39 @@ def check_path(workdir: str) -> None:
                     f'{e.filename})') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise PathError(f'workdir={workdir!r}: is not writable')
+
+
+def _gb(n: float) -> str:
+  return f'{n / 1e9:.2f} GB'
+
+
+def check_space(workdir: str, *, checkpoint_bytes: int, checkpoints: int, export_bytes: int,
+                strict: bool = True) -> str | None:
+  """Before training: can the disk holding `workdir` take what the run will write?
+
+  Fewer free bytes than one checkpoint plus the export (`export_bytes`, 0 without one): the
+  run would train and then fail to save, so PathError, naming the sizes (with strict=False
+  the message is returned instead). Fewer than `checkpoints` checkpoints plus the export
+  (what the run holds at once: keep_checkpoints, and one more while a new one is written
+  before the oldest goes): a warning line is returned. None when it fits. Sizes are the
+  arrays' bytes (Orbax may store a little less). Remote paths (gs://, ...) are skipped."""
+  if '://' in workdir:
+    return None
+  free = shutil.disk_usage(workdir).free
+  export = f' and its Hugging Face export {_gb(export_bytes)}' if export_bytes else ''
+  if free < checkpoint_bytes + export_bytes:
+    msg = (f'workdir={workdir!r}: its disk has {_gb(free)} free, but one checkpoint of this '
+           f'run takes {_gb(checkpoint_bytes)}{export}: the run would train and then fail '
+           f'to save. Free some space or choose another --workdir')
+    if strict:
+      raise PathError(msg)
+    return msg
+  peak = checkpoints * checkpoint_bytes + export_bytes
+  if free < peak:
+    return (f'workdir={workdir!r}: {_gb(free)} free on its disk, less than the {_gb(peak)} '
+            f'this run can hold at once ({checkpoints} checkpoints of {_gb(checkpoint_bytes)}'
+            f'{export}); lower train.keep_checkpoints or free some space')
+  return None
 
 
 def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -281,6 +281,52 @@ def test_non_finite_loss_between_logged_steps_is_caught_before_any_save(tmp_path
   assert not os.path.exists(tmp_path / 'checkpoints') or not os.listdir(tmp_path / 'checkpoints')
 
 
+def test_a_disk_that_cannot_take_a_checkpoint_stops_the_run_before_the_first_step(tmp_path,
+                                                                                  monkeypatch):
+  # The run's state (parameters + AdamW's two moments, float32) is what a checkpoint holds;
+  # with less free space than that, training would end in a failed save: refused at start.
+  import shutil
+  from jaxlm import workdir as workdir_lib
+  c = small_config(train__steps=2)
+  state_bytes = {}
+  real_check = workdir_lib.check_space
+  def spy(workdir, **kw):
+    state_bytes.update(kw)
+    return real_check(workdir, **kw)
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(workdir_lib, 'check_space', spy)
+  monkeypatch.setattr(workdir_lib.shutil, 'disk_usage',
+                      lambda p: usage._replace(free=state_bytes['checkpoint_bytes'] - 1))
+  with pytest.raises(workdir_lib.PathError, match=r'its disk has 0\.\d\d GB free, but one '
+                     r'checkpoint of this run takes 0\.\d\d GB: the run would train'):
+    trainer.train(c, str(tmp_path), log=lambda s: None)
+  n = sum(p.size for p in jax.tree.leaves(nnx.state(init_model(trainer.model_config(c)))))
+  assert 12 * n <= state_bytes['checkpoint_bytes'] <= 12 * n + 64   # + the step counters
+  assert state_bytes['checkpoints'] == 1 and state_bytes['export_bytes'] == 0  # 1 save (step 2)
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
+  assert not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_check_space_messages(tmp_path, monkeypatch):
+  import shutil
+  from jaxlm import workdir as workdir_lib
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(workdir_lib.shutil, 'disk_usage', lambda p: usage._replace(free=5e9))
+  check = lambda **kw: workdir_lib.check_space(str(tmp_path), **kw)
+  assert check(checkpoint_bytes=2e9, checkpoints=2, export_bytes=1e9) is None     # 5 GB: fits
+  assert check(checkpoint_bytes=2e9, checkpoints=3, export_bytes=1e9) == (     # 7 GB at once
+      f'workdir={str(tmp_path)!r}: 5.00 GB free on its disk, less than the 7.00 GB this run '
+      f'can hold at once (3 checkpoints of 2.00 GB and its Hugging Face export 1.00 GB); '
+      f'lower train.keep_checkpoints or free some space')
+  with pytest.raises(workdir_lib.PathError, match=r'5\.00 GB free, but one checkpoint of this '
+                     r'run takes 4\.50 GB and its Hugging Face export 1\.00 GB'):
+    check(checkpoint_bytes=4.5e9, checkpoints=1, export_bytes=1e9)
+  assert 'fail to save' in check(checkpoint_bytes=6e9, checkpoints=1, export_bytes=0,
+                                 strict=False)
+  assert workdir_lib.check_space('gs://bucket/run', checkpoint_bytes=1e15, checkpoints=1,
+                                 export_bytes=0) is None
+
+
 def test_zigzag_ring_layout_trains_like_the_natural_order(monkeypatch):
   # ring_layout='zigzag': the trainer permutes each batch once on the host (tokens,
   # targets, positions, segment ids) and the ring kernel skips its own permutation; masks
