@@ -3,12 +3,13 @@
 `read_header(path)` parses the header (metadata and tensor table) with `struct` over a
 memory map: the `gguf` package's `GGUFReader` builds a numpy view per item and takes 2.8 s
 on SmolLM2's 49K-token vocabulary, this 0.06 s (`python -m jaxlm.bench.load`;
-tests/test_gguf.py checks that both read the same fields, tensor table and tensor data). `GGUFCheckpoint(path)` reads the header and exposes the
-checkpoint the way a Hugging Face directory would: `hf_config()` is a config.json dict
-(LlamaForCausalLM), `names()` / `shape(name)` / `tensor(name)` give each weight under its
-Hugging Face name and in its layout, dequantized one tensor at a time with the `gguf`
-package. `jaxlm.convert.load_gguf` streams them into a model exactly as it does
-safetensors. Tokenizer metadata is read by `jaxlm.tokenizer`.
+tests/test_gguf.py checks that both read the same fields, tensor table and tensor data).
+`GGUFCheckpoint(path)` reads the header and exposes the checkpoint the way a Hugging Face
+directory would: `hf_config()` is a config.json dict (LlamaForCausalLM), `names()` /
+`shape(name)` / `tensor(name)` give each weight under its Hugging Face name and in its
+layout, dequantized one tensor at a time with the `gguf` package. `jaxlm.convert.load_gguf`
+streams them into a model exactly as it does safetensors. Tokenizer metadata is read by
+`jaxlm.tokenizer`.
 
 Two layout differences from Hugging Face are undone here:
 - GGUF dimensions are listed innermost first; numpy arrays of the data are [out, in], as

@@ -440,10 +440,9 @@ def _check_space(c, run, workdir: str, start: int, log) -> None:
       t.steps % t.checkpoint_every)
   if saves <= 0 or jax.process_index() != 0:
     return
-  model_state = run.state[0] if 0 in run.state else run.state
-  note = workdir_lib.check_space(
+  note = workdir_lib.check_space(   # run.state: (the model's, the optimizer's)
       workdir, checkpoint_bytes=_nbytes(run.state), checkpoints=min(saves, t.keep_checkpoints + 1),
-      export_bytes=_nbytes(model_state) if c.export_hf else 0,
+      export_bytes=_nbytes(run.state[0]) if c.export_hf else 0,
       strict=jax.process_count() == 1)
   if note:
     log(f'[train] warning: {note}')

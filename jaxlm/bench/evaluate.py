@@ -135,8 +135,9 @@ def main(argv=None):
   print(f'prefill speed-up over the reference: '
         f'{rows[False]["t_prefill_s"] / m["t_prefill_s"]:.2f}x')
   if 'scan' in rows:
-    print(f'scanned layers / unrolled: prefill {rows["scan"]["t_prefill_s"] / m["t_prefill_s"]:.2f}x'
-          f' the time, decode {m["decode_tok_s"] / rows["scan"]["decode_tok_s"]:.2f}x the time')
+    scan = rows['scan']
+    print(f'scanned layers / unrolled: prefill {scan["t_prefill_s"] / m["t_prefill_s"]:.2f}x'
+          f' the time, decode {m["decode_tok_s"] / scan["decode_tok_s"]:.2f}x the time')
   cfg7b = get_config('mistral-7b-v0.2')
   print(f'\n## Projected hours, Mistral 7B (bf16 weights, prefill MFU {PREFILL_MFU:.0%}, '
         f'decode batch {DECODE_BATCH})')
